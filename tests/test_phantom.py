@@ -1,0 +1,120 @@
+"Tests for usjepa.phantom: labels, anatomy, cycle, determinism, CAMUS folder layout, idempotence."
+import json
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from usjepa.phantom import make_sequence, write_camus_phantom
+
+
+def rows_of(mask): return np.nonzero(mask.any(1))[0]
+
+
+@pytest.mark.parametrize('seed,view', [(0, '2CH'), (1, '4CH'), (2, '2CH'), (5, '4CH')])
+def test_sequence_anatomy(seed, view):
+    s = make_sequence(seed, view, size=(128, 128))
+    v, lab, info = s['video'], s['labels'], s['info']
+    assert v.dtype == np.uint8 and lab.dtype == np.uint8 and v.shape == lab.shape and v.shape[1:] == (128, 128)
+    assert 10 <= len(v) <= 30 and info['NbFrame'] == len(v)
+    assert set(np.unique(lab)) == {0, 1, 2, 3}
+    assert {info['ED'], info['ES']} == {1, len(v)}                     # one of them is the last frame
+    for f in range(len(v)):
+        for k in (1, 2, 3):                                            # each structure is one connected piece
+            cc, n = ndimage.label(lab[f] == k, np.ones((3, 3)))
+            sizes = np.bincount(cc.ravel())[1:]
+            assert sizes.max() >= 0.98 * sizes.sum(), (f, k, sizes)      # (a stray pixel at a thin apex is allowed)
+    fan = info['fan']                                                  # labels lie inside the fan (independent mask)
+    Y, X = np.mgrid[0:128, 0:128]
+    r = np.hypot(X - fan['origin'][1], Y - fan['origin'][0]); th = np.arctan2(X - fan['origin'][1], Y - fan['origin'][0])
+    inside = (np.abs(th) < fan['half_angle']) & (r < fan['depth'])
+    assert not (lab[:, ~inside] > 0).any()
+    assert (v[:, ~inside] == 0).all() and (v[:, inside] > 0).mean() > 0.5
+    ed = lab[info['ED'] - 1]
+    r1, r2, r3 = rows_of(ed == 1), rows_of(ed == 2), rows_of(ed == 3)
+    assert r2.min() <= r1.min() < r3.min() and r1.mean() < r3.mean()   # apex at the top, wall around it, LA below
+    assert 0.3 <= (r1.max() - r1.min() + 1) / 128 <= 0.6               # LV cavity ~35-50 % of the height
+    # the myocardium surrounds the cavity except at the base: dilating the cavity hits mostly wall or atrium
+    ring = ndimage.binary_dilation(ed == 1, iterations=2) & (ed != 1)
+    assert np.isin(ed[ring], (2, 3)).mean() > 0.9
+    # the cavity touches the atrium (open mitral plane)
+    assert (ed[ndimage.binary_dilation(ed == 1, iterations=1)] == 3).any()
+
+
+def test_cardiac_cycle():
+    for seed in range(4):
+        s = make_sequence(seed, '2CH', size=(96, 96))
+        ed, es = s['info']['ED'] - 1, s['info']['ES'] - 1
+        a = lambda k, f: int((s['labels'][f] == k).sum())
+        assert a(1, es) < 0.85 * a(1, ed)                              # the cavity empties
+        assert a(3, es) > a(3, ed)                                     # the atrium fills
+        area = [a(1, f) for f in range(len(s['labels']))]
+        d = np.diff(area) if ed == 0 else -np.diff(area)
+        assert (d <= 0.01 * max(area)).all()                           # monotone from ED to ES (up to pixels)
+
+
+def test_some_sequences_reversed():
+    infos = [make_sequence(s, '4CH', n_frames=3, size=(48, 48))['info'] for s in range(24)]
+    rev = [i['ED'] == 3 for i in infos]
+    assert 0 < sum(rev) < len(rev)
+
+
+def test_not_a_threshold():
+    "Cavity and atrium are dark, wall brighter, but a global grey threshold cannot separate the classes."
+    s = make_sequence(3, '4CH', n_frames=6, size=(128, 128))
+    v, lab = s['video'].astype(float), s['labels']
+    inside = v > 0
+    m = {k: v[(lab == k) & inside].mean() for k in range(4)}
+    assert m[1] < m[2] and m[3] < m[2]
+    dark = (v < (m[1] + m[2]) / 2) & inside
+    # the best possible threshold rule for "cavity" (dark pixels) would also take many non-LV pixels
+    assert ((lab != 1) & (lab != 3) & dark).sum() > 0.5 * ((lab == 1) & dark).sum()
+
+
+def test_deterministic_and_view_shares_heart():
+    a, b = make_sequence(9, '2CH', size=(64, 64)), make_sequence(9, '2CH', size=(64, 64))
+    np.testing.assert_array_equal(a['video'], b['video']); np.testing.assert_array_equal(a['labels'], b['labels'])
+    c = make_sequence(9, '4CH', size=(64, 64))
+    assert c['info']['EF'] == a['info']['EF'] and c['info']['Age'] == a['info']['Age']
+    assert not np.array_equal(make_sequence(10, '2CH', size=(64, 64))['video'][:2], a['video'][:2])
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match='3CH'): make_sequence(0, '3CH')
+    with pytest.raises(ValueError, match='n_frames'): make_sequence(0, '2CH', n_frames=1)
+    with pytest.raises(ValueError, match='PLAX'): write_camus_phantom(tmp_path / 'x', views=('PLAX',))
+
+
+def test_camus_layout_and_idempotence(tmp_path):
+    root = write_camus_phantom(tmp_path / 'camus', n_patients=3, size=(40, 48), views=('2CH',), progress=False)
+    pdir = root / 'database_nifti' / 'patient0002'
+    names = sorted(p.name for p in pdir.iterdir())
+    assert names == sorted(['Info_2CH.cfg'] + [f'patient0002_2CH_{s}.nii.gz' for s in
+                            ('half_sequence', 'half_sequence_gt', 'ED', 'ED_gt', 'ES', 'ES_gt')])
+    cfg = dict(l.split(': ', 1) for l in (pdir / 'Info_2CH.cfg').read_text().splitlines())
+    assert set(cfg) == {'ED', 'ES', 'NbFrame', 'Sex', 'Age', 'ImageQuality', 'EF', 'FrameRate'}
+    splits = {p.name: p.read_text().split() for p in (root / 'database_split').iterdir()}
+    assert sorted(sum(splits.values(), [])) == ['patient0001', 'patient0002', 'patient0003']
+    assert json.loads((root / 'phantom.json').read_text())['complete'] is True
+    stamp = (pdir / 'patient0002_2CH_ED.nii.gz').stat().st_mtime_ns
+    assert write_camus_phantom(root, n_patients=3, size=(40, 48), views=('2CH',), progress=False) == root
+    assert (pdir / 'patient0002_2CH_ED.nii.gz').stat().st_mtime_ns == stamp          # reused, not rewritten
+    with pytest.raises(FileExistsError, match='camus'):
+        write_camus_phantom(root, n_patients=3, seed=1, size=(40, 48), views=('2CH',), progress=False)
+
+
+def test_resume_after_interruption(tmp_path):
+    root = write_camus_phantom(tmp_path / 'c', n_patients=3, size=(40, 40), views=('4CH',), progress=False)
+    import shutil
+    shutil.rmtree(root / 'database_nifti' / 'patient0003')
+    m = json.loads((root / 'phantom.json').read_text()); m['complete'] = False
+    (root / 'phantom.json').write_text(json.dumps(m))
+    write_camus_phantom(root, n_patients=3, size=(40, 40), views=('4CH',), progress=False)
+    assert (root / 'database_nifti' / 'patient0003' / 'patient0003_4CH_half_sequence.nii.gz').exists()
+
+
+def test_never_overwrites_foreign_data(tmp_path):
+    foreign = tmp_path / 'real' / 'database_nifti' / 'patient0001'; foreign.mkdir(parents=True)
+    (foreign / 'Info_2CH.cfg').write_text('ED: 1\n')
+    with pytest.raises(FileExistsError, match='did not write'):
+        write_camus_phantom(tmp_path / 'real', n_patients=2, size=(40, 40), progress=False)
+    assert (foreign / 'Info_2CH.cfg').read_text() == 'ED: 1\n'
