@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['JEPAOutput', 'VJEPA', 'warmup_cosine', 'cosine', 'ema_schedule', 'param_groups', 'pretrain_step']
 
-# %% ../nbs/04_vjepa.ipynb #47702405
+# %% ../nbs/04_vjepa.ipynb #a952c42d
 import copy, math
 from typing import NamedTuple
 
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .model import apply_masks
 
-# %% ../nbs/04_vjepa.ipynb #1aa9b2fc
+# %% ../nbs/04_vjepa.ipynb #a234ab72
 class JEPAOutput(NamedTuple):
     "What one V-JEPA forward gives: the loss, and per mask generator the predictions and their token indices."
     loss: torch.Tensor    # scalar, L1 averaged over generators
@@ -58,7 +58,7 @@ class VJEPA(nn.Module):
         pairs = [(t, p.detach()) for t, p in zip(self.target_encoder.parameters(), self.encoder.parameters()) if p.requires_grad]
         if pairs: torch._foreach_lerp_([t for t, _ in pairs], [p for _, p in pairs], 1. - momentum)  # one fused kernel
 
-# %% ../nbs/04_vjepa.ipynb #132f0f18
+# %% ../nbs/04_vjepa.ipynb #7251cae1
 def warmup_cosine(step, total, warmup, start_lr, ref_lr, final_lr):
     "Learning rate at `step`: linear `start_lr`→`ref_lr` over `warmup` steps, then cosine to `final_lr` at `total`."
     if step < warmup: return start_lr + (ref_lr - start_lr) * step / max(1, warmup)
@@ -74,7 +74,7 @@ def ema_schedule(step, total, start=0.998, end=1.0):
     "EMA momentum rising linearly from `start` to `end` over `total` steps."
     return start + (end - start) * min(1., step / max(1, total))
 
-# %% ../nbs/04_vjepa.ipynb #68a843a9
+# %% ../nbs/04_vjepa.ipynb #d1d558c8
 def param_groups(model, weight_decay):
     "AdamW parameter groups: decay on weights, none on biases and 1-D parameters; trainable parameters only."
     decay, no_decay = [], []
@@ -83,7 +83,7 @@ def param_groups(model, weight_decay):
         (no_decay if name.endswith('bias') or p.ndim == 1 else decay).append(p)
     return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0., wd_exclude=True)]
 
-# %% ../nbs/04_vjepa.ipynb #12a07694
+# %% ../nbs/04_vjepa.ipynb #ec708d3a
 def pretrain_step(model, video, masks, optimizer, *, lr, wd, momentum, aux=None, lam=1.0, clip_grad=None, amp_dtype=None):
     "One V-JEPA step (+ optional auxiliary loss); returns dict(loss, loss_jepa, loss_aux, grad_norm) as floats."
     if not 0. <= lam <= 1.: raise ValueError(f"lam must be in [0, 1], got {lam!r}")
@@ -102,7 +102,7 @@ def pretrain_step(model, video, masks, optimizer, *, lr, wd, momentum, aux=None,
     params = [p for g in optimizer.param_groups for p in g['params'] if p.grad is not None]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad else math.inf)
     optimizer.step()
-    model.ema_update(momentum)
+    getattr(model, 'module', model).ema_update(momentum)   # `model` may be wrapped in DistributedDataParallel
     nan = torch.full((), math.nan, device=loss.device)
     vals = torch.stack([loss.detach().float(), out.loss.detach().float(),
                         nan if loss_aux is None else loss_aux.detach().float(), grad_norm.float()]).tolist()
