@@ -6,13 +6,13 @@
 __all__ = ['token_coords', 'relative_offsets', 'sample_pairs', 'LocalizationHead', 'localization_loss', 'chance_mse',
            'LocalizationLoss']
 
-# %% ../nbs/05_localization.ipynb #f8a34f22
+# %% ../nbs/05_localization.ipynb #2fc09f4c
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
-# %% ../nbs/05_localization.ipynb #dd7e5af4
+# %% ../nbs/05_localization.ipynb #46591c77
 def _check_grid(grid) -> tuple:
     "`grid` as a tuple of three positive ints `(gt, gh, gw)`, or a clear error."
     try: grid = tuple(int(g) for g in grid)
@@ -33,7 +33,7 @@ def token_coords(idx: torch.Tensor, # (..., K) int64 flat token indices (time-ma
                          f"min {int(idx.min())}, max {int(idx.max())}")
     return torch.stack(torch.unravel_index(idx, grid), dim=-1)
 
-# %% ../nbs/05_localization.ipynb #7a99a302
+# %% ../nbs/05_localization.ipynb #79d15719
 def relative_offsets(coords_a: torch.Tensor, # (..., 3) cells (t1, i1, j1) of the first tokens
                      coords_b: torch.Tensor, # (..., 3) cells (t2, i2, j2) of the second tokens
                      grid,                   # (gt, gh, gw)
@@ -42,7 +42,7 @@ def relative_offsets(coords_a: torch.Tensor, # (..., 3) cells (t1, i1, j1) of th
     size = torch.tensor(_check_grid(grid), dtype=torch.float32, device=coords_a.device)
     return (coords_a - coords_b).float() / size
 
-# %% ../nbs/05_localization.ipynb #4fe6bef3
+# %% ../nbs/05_localization.ipynb #f8787560
 def sample_pairs(num_tokens: int,      # K, number of target tokens per sample
                  batch: int,           # B
                  n_pairs: int = 100,   # P, pairs per sample (the paper uses 100)
@@ -59,7 +59,7 @@ def sample_pairs(num_tokens: int,      # K, number of target tokens per sample
     b = (a + shift) % num_tokens
     return a.to(device), b.to(device)
 
-# %% ../nbs/05_localization.ipynb #41e94268
+# %% ../nbs/05_localization.ipynb #79e3fe66
 class LocalizationHead(nn.Module):
     "Three-layer MLP: `[e1; e2]` (2D) → h → h → Δ (3), GELU in between."
     def __init__(self, embed_dim: int, hidden: int | None = None, act_layer=nn.GELU):
@@ -83,7 +83,7 @@ class LocalizationHead(nn.Module):
         "(..., D), (..., D) -> (..., 3) predicted Δ of `e1` relative to `e2`."
         return self.mlp(torch.cat([e1, e2], dim=-1))
 
-# %% ../nbs/05_localization.ipynb #90089b88
+# %% ../nbs/05_localization.ipynb #92c43632
 def _take(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     "Rows of `x` (B, K, C) at positions `pos` (B, P) -> (B, P, C)."
     return x.gather(1, pos.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
@@ -112,7 +112,7 @@ def localization_loss(head: nn.Module,  # maps (e1, e2) -> Δ, e.g. `Localizatio
         losses.append(F.mse_loss(pred.float(), delta))
     return torch.stack(losses).mean()
 
-# %% ../nbs/05_localization.ipynb #37d2c3bc
+# %% ../nbs/05_localization.ipynb #c88c7b35
 def chance_mse(grid) -> float:
     "MSE of the best position-blind predictor (Δ̂ = 0) for pairs uniform over distinct tokens of `grid`."
     grid = _check_grid(grid)
@@ -120,7 +120,7 @@ def chance_mse(grid) -> float:
     if n < 2: raise ValueError(f"grid {grid} has fewer than 2 tokens")
     return sum((g * g - 1) / (6 * g * g) for g in grid) / 3 * n / (n - 1)
 
-# %% ../nbs/05_localization.ipynb #44866777
+# %% ../nbs/05_localization.ipynb #ef7a286b
 class LocalizationLoss(nn.Module):
     "3D relative-localization loss on V-JEPA's predicted target tokens; use as `aux` in `pretrain_step`."
     def __init__(self, embed_dim: int,           # encoder width D (the predictor outputs D)
