@@ -1,0 +1,80 @@
+"The main job end to end on tiny settings: papermill, resume after an interruption, DDP with 2 CPU processes."
+import json, os, subprocess, sys
+from dataclasses import replace
+from pathlib import Path
+import pytest, torch
+
+from usjepa.pipeline import RunConfig, validate, prepare_run_dir, run, launch
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(synthetic_patients=6, synthetic_size=64, img_size=32, patch_size=8, num_frames=4, frame_step=2,
+            predictor_dim=48, predictor_depth=1, probe_dim=32, batch_size=2, probe_batch_size=4,
+            pretrain_epochs=2, warmup_epochs=1, probe_epochs=2, n_pairs=10, progress=False)
+
+def tiny(tmp_path, name='run', **kw): return RunConfig(**{**TINY, 'out_dir': str(tmp_path / name), **kw})
+
+def test_bad_parameters_are_named_before_any_work(tmp_path):
+    cases = dict(lam=1.5, label_fraction=0.0, frozen_blocks=13, method='simclr', data_dir=str(tmp_path / 'nope'),
+                 img_size=30, views='3CH')
+    for k, v in cases.items():
+        with pytest.raises(ValueError, match=f"{k}="): validate(tiny(tmp_path, **{k: v}))
+    with pytest.raises(NotImplementedError, match='videomae'): validate(tiny(tmp_path, method='videomae'))
+    assert not (tmp_path / 'run').exists()          # nothing was written
+
+def test_run_folder_is_never_mixed_or_overwritten(tmp_path):
+    c = validate(tiny(tmp_path))
+    prepare_run_dir(c)
+    with pytest.raises(ValueError, match='lam'): prepare_run_dir(replace(c, lam=0.5))
+    (tmp_path / 'run' / 'pretrain.pt').write_bytes(b'x')
+    with pytest.raises(ValueError, match='resume=False'): prepare_run_dir(replace(c, resume=False))
+    prepare_run_dir(replace(c, num_workers=1))      # run-only settings may change
+
+def _metrics(out): return json.loads((Path(out) / 'metrics.json').read_text())
+
+def test_papermill_runs_the_training_notebook(tmp_path):
+    import papermill as pm
+    params = {**TINY, 'out_dir': str(tmp_path / 'pm'), 'lam': 0.25}
+    pm.execute_notebook(str(ROOT / 'nbs' / 'train.ipynb'), str(tmp_path / 'out.ipynb'), parameters=params,
+                        kernel_name='python3', cwd=str(tmp_path), progress_bar=False)
+    out = tmp_path / 'pm'
+    for f in ('config.json', 'pretrain.pt', 'probe.pt', 'metrics.json', 'losses.png', 'qualitative.png',
+              'pretrain_log.jsonl', 'probe_log.jsonl'):
+        assert (out / f).is_file(), f
+    assert json.loads((out / 'config.json').read_text())['lam'] == 0.25
+    m = _metrics(out)
+    assert m['summary']['n_frames'] > 0
+    for cls in ('LV endo', 'LV epi', 'LA', 'mean'):
+        for k in ('dsc', 'ji', 'ppv', 'recall'): assert 0 <= m['summary'][cls][k]['mean'] <= 1
+    assert len(m['per_frame']['ids']) == m['summary']['n_frames']
+    logs = [json.loads(l) for l in (out / 'pretrain_log.jsonl').read_text().splitlines()]
+    assert [r['epoch'] for r in logs] == [0, 1] and all(r['loss_aux'] == r['loss_aux'] for r in logs)  # aux is on
+    nb = json.loads((tmp_path / 'out.ipynb').read_text())
+    assert any('mean DSC' in ''.join(o.get('text', '')) for c in nb['cells'] for o in c.get('outputs', []))
+
+class Interrupt(KeyboardInterrupt): pass
+
+def test_resume_after_interruption_gives_the_same_result(tmp_path):
+    ref = run(tiny(tmp_path, 'ref'))
+    def stop_at(stage, epoch):
+        def hook(s, e, row):
+            if (s, e) == (stage, epoch): raise Interrupt
+        return hook
+    c = tiny(tmp_path, 'resumed')
+    with pytest.raises(Interrupt): run(c, on_epoch_end=stop_at('pretrain', 0))
+    assert torch.load(tmp_path / 'resumed' / 'pretrain.pt', weights_only=True)['epoch'] == 0
+    with pytest.raises(Interrupt): run(c, on_epoch_end=stop_at('probe', 0))
+    assert torch.load(tmp_path / 'resumed' / 'probe.pt', weights_only=True)['epoch'] == 0
+    res = run(c)
+    a, b = _metrics(tmp_path / 'ref'), _metrics(tmp_path / 'resumed')
+    assert a['per_frame']['counts'] == b['per_frame']['counts']
+    pa = torch.load(tmp_path / 'ref' / 'probe.pt', weights_only=True)['head']
+    pb = torch.load(tmp_path / 'resumed' / 'probe.pt', weights_only=True)['head']
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    logs = [json.loads(l)['epoch'] for l in (tmp_path / 'resumed' / 'pretrain_log.jsonl').read_text().splitlines()]
+    assert logs == [0, 1]                            # each epoch logged once
+
+def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path):
+    res = launch(tiny(tmp_path, 'ddp', nproc_per_node=2, master_port=29731))
+    fp = res['rank_fingerprints']
+    assert len(fp) == 2 and fp[0] == fp[1], fp
+    assert _metrics(tmp_path / 'ddp')['summary']['n_frames'] > 0
