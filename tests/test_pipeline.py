@@ -13,6 +13,17 @@ TINY = dict(synthetic_patients=6, synthetic_size=64, img_size=32, patch_size=8, 
 
 def tiny(tmp_path, name='run', **kw): return RunConfig(**{**TINY, 'out_dir': str(tmp_path / name), **kw})
 
+def test_notebook_parameters_are_the_run_config():
+    "The papermill parameters cell of train.ipynb lists every RunConfig field with the same default and type."
+    import ast
+    from dataclasses import fields
+    nb = json.loads((ROOT / 'nbs' / 'train.ipynb').read_text())
+    cell = [c for c in nb['cells'] if 'parameters' in c['metadata'].get('tags', [])]
+    assert len(cell) == 1
+    params = {n.target.id: (ast.literal_eval(n.value), n.annotation.id) for n in ast.parse(''.join(cell[0]['source'])).body}
+    cfg = {f.name: (f.default, f.type.__name__) for f in fields(RunConfig)}
+    assert params == cfg
+
 def test_bad_parameters_are_named_before_any_work(tmp_path):
     cases = dict(lam=1.5, label_fraction=0.0, frozen_blocks=13, method='simclr', data_dir=str(tmp_path / 'nope'),
                  img_size=30, views='3CH')

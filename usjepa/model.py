@@ -7,7 +7,7 @@ __all__ = ['MODEL_SIZES', 'sincos_1d', 'sincos_pos_embed_3d', 'resize_pos_embed'
            'VisionTransformer', 'build_encoder', 'vit_tiny', 'vit_small', 'vit_base', 'vit_large', 'vit_huge',
            'Predictor', 'build_predictor', 'load_checkpoint', 'save_checkpoint']
 
-# %% ../nbs/03_model.ipynb #5749bbf8
+# %% ../nbs/03_model.ipynb #ab2165c7
 import math, os, tempfile
 from functools import partial
 from pathlib import Path
@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
+from .data import atomic_write
 
-# %% ../nbs/03_model.ipynb #1f9b2aff
+# %% ../nbs/03_model.ipynb #80d043a8
 def sincos_1d(dim, pos):
     "MAE's 1D sin-cos code of positions `pos` (M,) -> (M, dim) float64: [sin(p*omega), cos(p*omega)]."
     if dim % 2: raise ValueError(f"sin-cos embedding needs an even dim, got {dim}")
@@ -36,7 +37,7 @@ def sincos_pos_embed_3d(dim, grid, uniform_power=True):
     emb = torch.cat([sincos_1d(dt, t), sincos_1d(dh, i), sincos_1d(dw, j)], dim=1)[:, :dim]
     return emb.float()
 
-# %% ../nbs/03_model.ipynb #8e78efe9
+# %% ../nbs/03_model.ipynb #4e712d16
 def resize_pos_embed(pos_embed, old_grid, new_grid):
     "Trilinearly resize a (1, N, D) time-major positional embedding from `old_grid` to `new_grid`."
     old_grid, new_grid = tuple(old_grid), tuple(new_grid)
@@ -47,7 +48,7 @@ def resize_pos_embed(pos_embed, old_grid, new_grid):
     x = F.interpolate(x.float(), size=new_grid, mode='trilinear', align_corners=False)
     return rearrange(x, '1 d t h w -> 1 (t h w) d').to(pos_embed.dtype)
 
-# %% ../nbs/03_model.ipynb #2a865a36
+# %% ../nbs/03_model.ipynb #7e76df9b
 def apply_masks(x, idx):
     "Gather tokens: x (B, N, D), idx (B, K) int64 -> (B, K, D)."
     if idx.dim() != 2 or idx.shape[0] != x.shape[0]:
@@ -83,7 +84,7 @@ def _make_blocks(dim, depth, num_heads, mlp_ratio, qkv_bias, drop_path_rate):
 
 def _pair(x): return (int(x), int(x)) if isinstance(x, (int, float)) else tuple(int(v) for v in x)
 
-# %% ../nbs/03_model.ipynb #e5152912
+# %% ../nbs/03_model.ipynb #2a41da8a
 class VisionTransformer(nn.Module):
     "V-JEPA's video ViT: tubelet embedding + fixed 3D sin-cos positions + timm blocks + final LayerNorm."
     def __init__(self, img_size=224, num_frames=16, patch_size=16, tubelet_size=2, in_chans=3, embed_dim=1024,
@@ -140,7 +141,7 @@ class VisionTransformer(nn.Module):
         self.frozen_blocks = n
         return self
 
-# %% ../nbs/03_model.ipynb #23bcdffe
+# %% ../nbs/03_model.ipynb #4b08475e
 MODEL_SIZES = dict(vit_tiny=(192, 12, 3), vit_small=(384, 12, 6), vit_base=(768, 12, 12),
                    vit_large=(1024, 24, 16), vit_huge=(1280, 32, 16))   # name: (embed_dim, depth, num_heads)
 
@@ -156,7 +157,7 @@ def vit_base(**kw): return build_encoder('vit_base', **kw)
 def vit_large(**kw): return build_encoder('vit_large', **kw)
 def vit_huge(**kw): return build_encoder('vit_huge', **kw)
 
-# %% ../nbs/03_model.ipynb #2cee6dd8
+# %% ../nbs/03_model.ipynb #41d0d896
 class Predictor(nn.Module):
     "V-JEPA's predictor: context tokens + mask tokens at the target positions -> predicted target features."
     def __init__(self, grid, embed_dim, predictor_embed_dim=384, depth=12, num_heads=12, num_mask_tokens=2,
@@ -192,7 +193,7 @@ def build_predictor(encoder, predictor_embed_dim=384, depth=12, num_mask_tokens=
     return Predictor(encoder.grid, encoder.embed_dim, predictor_embed_dim, depth, encoder.num_heads, num_mask_tokens,
                      uniform_power=encoder.uniform_power, **kw)
 
-# %% ../nbs/03_model.ipynb #81fa7145
+# %% ../nbs/03_model.ipynb #e36c715b
 _PREFIXES = ('module.', 'backbone.')
 _FIXED = ('pos_embed', 'predictor_pos_embed')   # fixed sin-cos tables: recomputed for the model's grid
 
@@ -241,7 +242,7 @@ def load_checkpoint(path, encoder=None, predictor=None, which='target_encoder', 
         report['predictor'] = dict(source='predictor', **_load_into(predictor, ckpt['predictor'], strict))
     return report
 
-# %% ../nbs/03_model.ipynb #88721fac
+# %% ../nbs/03_model.ipynb #e37130a4
 def _to_state(obj):
     "A module/optimizer/scaler becomes its state dict; plain values stay."
     return obj.state_dict() if hasattr(obj, 'state_dict') else obj
@@ -259,11 +260,5 @@ def save_checkpoint(path, encoder, target_encoder=None, predictor=None, overwrit
     if predictor is not None: ckpt['predictor'] = _wrap(predictor)
     if target_encoder is not None: ckpt['target_encoder'] = _wrap(target_encoder)
     ckpt.update({k: _to_state(v) for k, v in extra.items()})
-    fd, tmp = tempfile.mkstemp(prefix=path.name + '.', suffix='.tmp', dir=path.parent)
-    try:
-        with os.fdopen(fd, 'wb') as f: torch.save(ckpt, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp): os.remove(tmp)
-        raise
+    with atomic_write(path) as tmp: torch.save(ckpt, tmp)
     return path

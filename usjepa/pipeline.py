@@ -9,7 +9,7 @@ __all__ = ['METHODS', 'AVAILABLE_METHODS', 'PRECISIONS', 'RunConfig', 'resolve_d
            'qualitative_figure', 'save_state', 'fingerprint', 'gather_fingerprints', 'run', 'torchrun_command',
            'launch', 'main']
 
-# %% ../nbs/10_pipeline.ipynb #efacb2af
+# %% ../nbs/10_pipeline.ipynb #d390ecee
 import json, math, os, shlex, subprocess, sys, time, warnings
 from dataclasses import dataclass, asdict, fields, replace
 from pathlib import Path
@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from .data import CamusClips, VIEWS, find_camus_root, denormalise
+from .data import CamusClips, VIEWS, find_camus_root, denormalise, atomic_write
 from .phantom import write_camus_phantom
 from .masking import vjepa_masks
 from .model import MODEL_SIZES, build_encoder, build_predictor, load_checkpoint, save_checkpoint
@@ -31,7 +31,7 @@ from .probe import SegmentationHead, FeatureCache, freeze_encoder, predict, prob
 from .metrics import SegMetrics
 from .viz import show_frames
 
-# %% ../nbs/10_pipeline.ipynb #b869f646
+# %% ../nbs/10_pipeline.ipynb #e04a2f37
 METHODS = ('vjepa', 'vjepa_ll', 'videomae', 'supervised')
 AVAILABLE_METHODS = ('vjepa', 'vjepa_ll')
 PRECISIONS = ('auto', 'fp32', 'bf16')
@@ -48,7 +48,7 @@ class RunConfig:
     # data
     data_dir: str = ''              # CAMUS root ('' = write and use the synthetic CAMUS-layout data set)
     views: str = '2CH,4CH'          # comma-separated views
-    synthetic_patients: int = 48    # size of the synthetic data set when data_dir is ''
+    synthetic_patients: int = 80    # size of the synthetic data set when data_dir is ''
     synthetic_size: int = 128       # pixel size of the synthetic videos
     img_size: int = 64              # clips are resized to img_size x img_size
     num_frames: int = 16            # frames per clip
@@ -61,8 +61,8 @@ class RunConfig:
     init_checkpoint: str = ''       # '' or a V-JEPA checkpoint file (encoder + predictor are loaded)
     # pretraining
     batch_size: int = 4             # clips per step and process
-    pretrain_epochs: int = 12
-    warmup_epochs: int = 2
+    pretrain_epochs: int = 5
+    warmup_epochs: int = 1
     start_lr: float = 2e-4          # learning rate at the start of warmup
     lr: float = 1e-3                # peak learning rate (after warmup)
     final_lr: float = 1e-6          # learning rate at the end of the cosine
@@ -72,7 +72,7 @@ class RunConfig:
     ema_end: float = 1.0            # ... to ema_end
     clip_grad: float = 10.0         # gradient-norm clipping (0 = none)
     # probe
-    probe_epochs: int = 30
+    probe_epochs: int = 12
     probe_lr: float = 1e-3          # cosine from probe_lr to 0 (the paper's setting)
     probe_batch_size: int = 8
     probe_dim: int = 192            # width of the attentive probe
@@ -94,7 +94,7 @@ class RunConfig:
     RUN_ONLY = ('resume', 'num_workers', 'progress', 'device', 'out_dir', 'nproc_per_node', 'nnodes', 'node_rank',
                 'master_addr', 'master_port')
 
-# %% ../nbs/10_pipeline.ipynb #993c5ec6
+# %% ../nbs/10_pipeline.ipynb #4c0c49de
 def _views(views):
     "'2CH,4CH' or a list -> tuple of views."
     vs = tuple(v.strip() for v in views.split(',')) if isinstance(views, str) else tuple(views)
@@ -159,7 +159,7 @@ def validate(c: RunConfig) -> RunConfig:
     return replace(c, out_dir=str(out), views=','.join(_views(c.views)), lam=float(c.lam),
                    label_fraction=float(c.label_fraction))
 
-# %% ../nbs/10_pipeline.ipynb #1e60b362
+# %% ../nbs/10_pipeline.ipynb #7350afaf
 def config_to_dict(c: RunConfig) -> dict: return asdict(c)
 
 def load_config(path) -> RunConfig:
@@ -171,9 +171,8 @@ def load_config(path) -> RunConfig:
     return RunConfig(**d)
 
 def _atomic_write_text(path, text):
-    path = Path(path); tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    tmp.write_text(text); os.replace(tmp, path)
-    return path
+    with atomic_write(path) as tmp: tmp.write_text(text)
+    return Path(path)
 
 def prepare_run_dir(c: RunConfig) -> Path:
     "Create (or check and reuse) the run folder and write `config.json`; never silently mixes two runs."
@@ -192,7 +191,7 @@ def prepare_run_dir(c: RunConfig) -> Path:
     _atomic_write_text(cfg_path, json.dumps(asdict(c), indent=1))
     return out
 
-# %% ../nbs/10_pipeline.ipynb #824f8000
+# %% ../nbs/10_pipeline.ipynb #6ee2883f
 @dataclass
 class Dist:
     "Where this process stands: rank, world size and its device."
@@ -237,7 +236,7 @@ def _seed_everything(seed, *parts):
     torch.manual_seed(s); np.random.seed(s % 2**32)
     return s
 
-# %% ../nbs/10_pipeline.ipynb #5b3ee17f
+# %% ../nbs/10_pipeline.ipynb #28cdc7b6
 def prepare_data(c: RunConfig, d: Dist = Dist()) -> Path:
     "The CAMUS root for this run: `data_dir`, or the synthetic data set written into the run folder."
     if c.data_dir: return find_camus_root(c.data_dir)
@@ -253,7 +252,7 @@ def clips(c: RunConfig, root, split, mode, label_fraction=1.0):
     return CamusClips(root, split=split, views=_views(c.views), img_size=c.img_size, num_frames=c.num_frames,
                       frame_step=c.frame_step, label_fraction=label_fraction, mode=mode, seed=c.seed)
 
-# %% ../nbs/10_pipeline.ipynb #da4ab475
+# %% ../nbs/10_pipeline.ipynb #819a4b08
 def build_models(c: RunConfig):
     "Encoder + predictor (+ init checkpoint) -> (VJEPA, report)."
     enc = build_encoder(c.model, img_size=c.img_size, num_frames=c.num_frames, patch_size=c.patch_size)
@@ -277,7 +276,7 @@ def _truncate_log(path, key, upto):
     rows = [r for r in read_log(path) if r[key] < upto]
     _atomic_write_text(path, ''.join(json.dumps(r) + '\n' for r in rows)) if Path(path).exists() else None
 
-# %% ../nbs/10_pipeline.ipynb #ecfe9d44
+# %% ../nbs/10_pipeline.ipynb #677197c4
 def pretrain(c: RunConfig, root, d: Dist = Dist(), on_epoch_end=None):
     "V-JEPA (+ localization) pretraining with per-epoch checkpoints; returns the trained `VJEPA` model."
     out = Path(c.out_dir); ckpt_path, log_path = out / 'pretrain.pt', out / 'pretrain_log.jsonl'
@@ -287,7 +286,8 @@ def pretrain(c: RunConfig, root, d: Dist = Dist(), on_epoch_end=None):
     model.to(d.device)
     lam = 1.0 if c.method == 'vjepa' else c.lam
     aux = LocalizationLoss(model.encoder.embed_dim, model.grid, n_pairs=c.n_pairs).to(d.device) if lam < 1 else None
-    opt = torch.optim.AdamW(param_groups(model, c.weight_decay) + ([] if aux is None else param_groups(aux, 0.)))
+    opt = torch.optim.AdamW(param_groups(model, c.weight_decay) + ([] if aux is None else param_groups(aux, 0.)),
+                            **({'fused': True} if d.device.startswith('cuda') else {}))
     start = 0
     if ckpt_path.exists() and c.resume:
         ck = torch.load(ckpt_path, map_location='cpu', weights_only=True)
@@ -330,7 +330,7 @@ def pretrain(c: RunConfig, root, d: Dist = Dist(), on_epoch_end=None):
         if on_epoch_end is not None: on_epoch_end('pretrain', epoch, row)
     return model
 
-# %% ../nbs/10_pipeline.ipynb #b6767c18
+# %% ../nbs/10_pipeline.ipynb #622c853a
 def _shard(n, d: Dist):
     "Indices of this process's equal shard of `n` items (the remainder is dropped so every rank steps alike)."
     per = n // d.world
@@ -370,14 +370,14 @@ def train_segmenter(c: RunConfig, root, encoder, d: Dist = Dist(), on_epoch_end=
         if on_epoch_end is not None: on_epoch_end('probe', epoch, row)
     return head
 
-# %% ../nbs/10_pipeline.ipynb #6561a014
+# %% ../nbs/10_pipeline.ipynb #f5f97756
 def evaluate_split(c: RunConfig, root, encoder, head, d: Dist = Dist(), split='test') -> SegMetrics:
     "DSC / JI / PPV / recall per class and frame on every frame of `split`."
     return evaluate(head.to(d.device), clips(c, root, split, 'eval'), encoder=encoder.to(d.device),
                     batch_size=c.probe_batch_size, amp_dtype=amp_dtype(c, d.device), num_workers=c.num_workers,
                     progress=c.progress)
 
-# %% ../nbs/10_pipeline.ipynb #d0d3d84f
+# %% ../nbs/10_pipeline.ipynb #c59fdc2b
 def plot_losses(out_dir):
     "Loss curves of a run folder's logs -> matplotlib Figure."
     import matplotlib.pyplot as plt
@@ -406,12 +406,11 @@ def qualitative_figure(c: RunConfig, root, encoder, head, device='cpu', n=4, spl
                        labels=torch.stack([it['labels'][f] for it, f in zip(items, frames)]),
                        pred=torch.stack([pred[k, f] for k, f in enumerate(frames)]), titles=titles)
 
-# %% ../nbs/10_pipeline.ipynb #b6d210ad
+# %% ../nbs/10_pipeline.ipynb #c30643c9
 def save_state(path, state: dict):
     "torch.save `state` atomically (temporary file, then rename): a crash never leaves half a checkpoint."
-    path = Path(path); tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    torch.save(state, tmp); os.replace(tmp, path)
-    return path
+    with atomic_write(path) as tmp: torch.save(state, tmp)
+    return Path(path)
 
 def fingerprint(*modules) -> str:
     "SHA-256 of every parameter and buffer of `modules`: equal strings mean bit-identical weights."
@@ -480,5 +479,6 @@ def main(argv=None):
         if dist.is_initialized(): dist.destroy_process_group()
     return res
 
-# %% ../nbs/10_pipeline.ipynb #91ed45ed
+# %% ../nbs/10_pipeline.ipynb #54d2256c
+#| eval: false
 if __name__ == '__main__' and 'ipykernel' not in sys.modules: main()
