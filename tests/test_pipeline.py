@@ -4,7 +4,7 @@ from dataclasses import replace
 from pathlib import Path
 import pytest, torch
 
-from usjepa.pipeline import RunConfig, validate, prepare_run_dir, run, launch
+from usjepa.pipeline import RunConfig, validate, prepare_run_dir, run, launch, PAPER_PRESET
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(synthetic_patients=6, synthetic_size=64, img_size=32, patch_size=8, num_frames=4, frame_step=2,
@@ -23,6 +23,15 @@ def test_notebook_parameters_are_the_run_config():
     params = {n.target.id: (ast.literal_eval(n.value), n.annotation.id) for n in ast.parse(''.join(cell[0]['source'])).body}
     cfg = {f.name: (f.default, f.type.__name__) for f in fields(RunConfig)}
     assert params == cfg
+
+def test_notebook_states_the_paper_preset():
+    "The papermill command that train.ipynb gives for the paper's setting is PAPER_PRESET, value for value."
+    import re
+    nb = json.loads((ROOT / 'nbs' / 'train.ipynb').read_text())
+    md = next(''.join(c['source']) for c in nb['cells'] if c['cell_type'] == 'markdown' and "paper's setting" in ''.join(c['source']))
+    given = dict(re.findall(r'-p (\w+) (\S+)', md))
+    for k, v in PAPER_PRESET.items():
+        assert k in given and type(v)(given[k]) == v, (k, given.get(k), v)
 
 def test_bad_parameters_are_named_before_any_work(tmp_path):
     cases = dict(lam=1.5, label_fraction=0.0, frozen_blocks=13, method='simclr', data_dir=str(tmp_path / 'nope'),
