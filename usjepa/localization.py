@@ -6,25 +6,19 @@
 __all__ = ['token_coords', 'relative_offsets', 'sample_pairs', 'LocalizationHead', 'localization_loss', 'chance_mse',
            'LocalizationLoss']
 
-# %% ../nbs/05_localization.ipynb #2fc09f4c
+# %% ../nbs/05_localization.ipynb #be16d6ea
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
+from .masking import check_grid
 
-# %% ../nbs/05_localization.ipynb #46591c77
-def _check_grid(grid) -> tuple:
-    "`grid` as a tuple of three positive ints `(gt, gh, gw)`, or a clear error."
-    try: grid = tuple(int(g) for g in grid)
-    except TypeError: raise ValueError(f"grid must be three sizes (gt, gh, gw), got {grid!r}") from None
-    if len(grid) != 3 or min(grid) < 1: raise ValueError(f"grid must be three positive sizes (gt, gh, gw), got {grid}")
-    return grid
-
+# %% ../nbs/05_localization.ipynb #dad648c2
 def token_coords(idx: torch.Tensor, # (..., K) int64 flat token indices (time-major)
                  grid,              # (gt, gh, gw) token grid of the encoder
                 ) -> torch.Tensor:  # (..., K, 3) int64 grid cells (t, i, j)
     "Grid cell `(t, i, j)` of each flat token index `n = t*gh*gw + i*gw + j`."
-    grid = _check_grid(grid)
+    grid = check_grid(grid)
     if idx.dtype.is_floating_point or idx.dtype == torch.bool:
         raise ValueError(f"token indices must be an integer tensor, got dtype {idx.dtype}")
     n = grid[0] * grid[1] * grid[2]
@@ -33,16 +27,16 @@ def token_coords(idx: torch.Tensor, # (..., K) int64 flat token indices (time-ma
                          f"min {int(idx.min())}, max {int(idx.max())}")
     return torch.stack(torch.unravel_index(idx, grid), dim=-1)
 
-# %% ../nbs/05_localization.ipynb #79d15719
+# %% ../nbs/05_localization.ipynb #65ee695a
 def relative_offsets(coords_a: torch.Tensor, # (..., 3) cells (t1, i1, j1) of the first tokens
                      coords_b: torch.Tensor, # (..., 3) cells (t2, i2, j2) of the second tokens
                      grid,                   # (gt, gh, gw)
                     ) -> torch.Tensor:       # (..., 3) float32 ((t1-t2)/gt, (i1-i2)/gh, (j1-j2)/gw)
     "Normalised signed offset of each first token from its second token."
-    size = torch.tensor(_check_grid(grid), dtype=torch.float32, device=coords_a.device)
+    size = torch.tensor(check_grid(grid), dtype=torch.float32, device=coords_a.device)
     return (coords_a - coords_b).float() / size
 
-# %% ../nbs/05_localization.ipynb #f8787560
+# %% ../nbs/05_localization.ipynb #745938d1
 def sample_pairs(num_tokens: int,      # K, number of target tokens per sample
                  batch: int,           # B
                  n_pairs: int = 100,   # P, pairs per sample (the paper uses 100)
@@ -59,7 +53,7 @@ def sample_pairs(num_tokens: int,      # K, number of target tokens per sample
     b = (a + shift) % num_tokens
     return a.to(device), b.to(device)
 
-# %% ../nbs/05_localization.ipynb #79e3fe66
+# %% ../nbs/05_localization.ipynb #57dd4317
 class LocalizationHead(nn.Module):
     "Three-layer MLP: `[e1; e2]` (2D) → h → h → Δ (3), GELU in between."
     def __init__(self, embed_dim: int, hidden: int | None = None, act_layer=nn.GELU):
@@ -83,7 +77,7 @@ class LocalizationHead(nn.Module):
         "(..., D), (..., D) -> (..., 3) predicted Δ of `e1` relative to `e2`."
         return self.mlp(torch.cat([e1, e2], dim=-1))
 
-# %% ../nbs/05_localization.ipynb #92c43632
+# %% ../nbs/05_localization.ipynb #3df7afe8
 def _take(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     "Rows of `x` (B, K, C) at positions `pos` (B, P) -> (B, P, C)."
     return x.gather(1, pos.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
@@ -112,15 +106,15 @@ def localization_loss(head: nn.Module,  # maps (e1, e2) -> Δ, e.g. `Localizatio
         losses.append(F.mse_loss(pred.float(), delta))
     return torch.stack(losses).mean()
 
-# %% ../nbs/05_localization.ipynb #c88c7b35
+# %% ../nbs/05_localization.ipynb #7f8b9d98
 def chance_mse(grid) -> float:
     "MSE of the best position-blind predictor (Δ̂ = 0) for pairs uniform over distinct tokens of `grid`."
-    grid = _check_grid(grid)
+    grid = check_grid(grid)
     n = grid[0] * grid[1] * grid[2]
     if n < 2: raise ValueError(f"grid {grid} has fewer than 2 tokens")
     return sum((g * g - 1) / (6 * g * g) for g in grid) / 3 * n / (n - 1)
 
-# %% ../nbs/05_localization.ipynb #ef7a286b
+# %% ../nbs/05_localization.ipynb #b73d39d9
 class LocalizationLoss(nn.Module):
     "3D relative-localization loss on V-JEPA's predicted target tokens; use as `aux` in `pretrain_step`."
     def __init__(self, embed_dim: int,           # encoder width D (the predictor outputs D)
@@ -130,7 +124,7 @@ class LocalizationLoss(nn.Module):
                  generator: torch.Generator | None = None):  # RNG for the pairs (None: torch's global RNG)
         super().__init__()
         if n_pairs < 1: raise ValueError(f"n_pairs must be >= 1, got {n_pairs}")
-        self.grid = None if grid is None else _check_grid(grid)
+        self.grid = None if grid is None else check_grid(grid)
         self.n_pairs, self.generator = n_pairs, generator
         self.head = LocalizationHead(embed_dim, hidden)
 
