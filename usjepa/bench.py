@@ -5,16 +5,16 @@
 # %% auto #0
 __all__ = ['analytic_step_flops', 'counted_step_flops', 'bench_step', 'main']
 
-# %% ../nbs/11_bench.ipynb #897a6433
+# %% ../nbs/11_bench.ipynb #5e8be2a5
 import argparse, math, resource, sys, time
 
 import torch
 
 from .masking import vjepa_masks
-from .model import build_encoder, build_predictor, MODEL_SIZES
+from .model import build_encoder, build_predictor, MODEL_SIZES, resolve_device
 from .vjepa import VJEPA, pretrain_step, param_groups
 
-# %% ../nbs/11_bench.ipynb #c23ea893
+# %% ../nbs/11_bench.ipynb #2ec15fde
 def _block_flops(n, d, depth, mlp_ratio=4.):
     "Forward FLOPs of `depth` transformer blocks on n tokens of width d (linear layers + attention)."
     return depth * (2 * n * d * d * (4 + 2 * mlp_ratio) + 4 * n * n * d)
@@ -39,13 +39,7 @@ def counted_step_flops(step):
     with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as fc: step()   # CPU's fused kernel is not counted
     return fc.get_total_flops()
 
-# %% ../nbs/11_bench.ipynb #299c7ba9
-def _device(name):
-    if name == 'auto': return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    dev = torch.device(name)
-    if dev.type == 'cuda' and not torch.cuda.is_available(): raise ValueError(f"device {name!r} asked for but CUDA is not available")
-    return dev
-
+# %% ../nbs/11_bench.ipynb #e673954b
 def _peak_memory_mb(device):
     if device.type == 'cuda': return torch.cuda.max_memory_allocated(device) / 2 ** 20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024          # Linux: kB -> MB (process peak RSS)
@@ -58,7 +52,7 @@ def bench_step(model='vit_tiny', img_size=112, frames=16, batch=4, lam=1.0, step
     "Time `pretrain_step`; returns dict with ms_per_step, clips_per_s, peak_mem_mb, flops_per_step, mfu (GPU)."
     if model not in MODEL_SIZES: raise ValueError(f"unknown model {model!r}; choose one of {list(MODEL_SIZES)}")
     if steps < 1 or batch < 1: raise ValueError(f"steps and batch must be >= 1, got steps={steps}, batch={batch}")
-    dev = _device(device)
+    dev = resolve_device(device)
     amp_dtype = {None: torch.bfloat16 if dev.type == 'cuda' else None, 'bf16': torch.bfloat16, 'none': None}[amp]
     torch.manual_seed(seed)
     enc = build_encoder(model, img_size=img_size, num_frames=frames).freeze_blocks(freeze)
@@ -97,7 +91,7 @@ def bench_step(model='vit_tiny', img_size=112, frames=16, batch=4, lam=1.0, step
     if dev.type == 'cuda': res.update(gpu=torch.cuda.get_device_name(dev), mfu=flops / sec / (peak_tflops * 1e12))
     return res
 
-# %% ../nbs/11_bench.ipynb #93b4d00f
+# %% ../nbs/11_bench.ipynb #48e74d95
 def _fmt(res):
     "One human-readable line per result (the CLI prints; library functions return dicts)."
     parts = []
@@ -154,6 +148,6 @@ def main(argv=None):
     print(_fmt(res))
     return res
 
-# %% ../nbs/11_bench.ipynb #eab9b177
+# %% ../nbs/11_bench.ipynb #0b3704cd
 #| eval: false
 if __name__ == '__main__': main()

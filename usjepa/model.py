@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['MODEL_SIZES', 'sincos_1d', 'sincos_pos_embed_3d', 'resize_pos_embed', 'apply_masks', 'PatchEmbed3D',
-           'VisionTransformer', 'build_encoder', 'vit_tiny', 'vit_small', 'vit_base', 'vit_large', 'vit_huge',
-           'Predictor', 'build_predictor', 'load_checkpoint', 'save_checkpoint']
+           'VisionTransformer', 'resolve_device', 'build_encoder', 'vit_tiny', 'vit_small', 'vit_base', 'vit_large',
+           'vit_huge', 'Predictor', 'build_predictor', 'load_checkpoint', 'save_checkpoint']
 
-# %% ../nbs/03_model.ipynb #ab2165c7
+# %% ../nbs/03_model.ipynb #45299401
 import math, os, tempfile
 from functools import partial
 from pathlib import Path
@@ -20,7 +20,7 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 from .data import atomic_write
 
-# %% ../nbs/03_model.ipynb #80d043a8
+# %% ../nbs/03_model.ipynb #964a5c71
 def sincos_1d(dim, pos):
     "MAE's 1D sin-cos code of positions `pos` (M,) -> (M, dim) float64: [sin(p*omega), cos(p*omega)]."
     if dim % 2: raise ValueError(f"sin-cos embedding needs an even dim, got {dim}")
@@ -37,7 +37,7 @@ def sincos_pos_embed_3d(dim, grid, uniform_power=True):
     emb = torch.cat([sincos_1d(dt, t), sincos_1d(dh, i), sincos_1d(dw, j)], dim=1)[:, :dim]
     return emb.float()
 
-# %% ../nbs/03_model.ipynb #4e712d16
+# %% ../nbs/03_model.ipynb #283be4d4
 def resize_pos_embed(pos_embed, old_grid, new_grid):
     "Trilinearly resize a (1, N, D) time-major positional embedding from `old_grid` to `new_grid`."
     old_grid, new_grid = tuple(old_grid), tuple(new_grid)
@@ -48,7 +48,7 @@ def resize_pos_embed(pos_embed, old_grid, new_grid):
     x = F.interpolate(x.float(), size=new_grid, mode='trilinear', align_corners=False)
     return rearrange(x, '1 d t h w -> 1 (t h w) d').to(pos_embed.dtype)
 
-# %% ../nbs/03_model.ipynb #7e76df9b
+# %% ../nbs/03_model.ipynb #eb50d4f3
 def apply_masks(x, idx):
     "Gather tokens: x (B, N, D), idx (B, K) int64 -> (B, K, D)."
     if idx.dim() != 2 or idx.shape[0] != x.shape[0]:
@@ -84,7 +84,7 @@ def _make_blocks(dim, depth, num_heads, mlp_ratio, qkv_bias, drop_path_rate):
 
 def _pair(x): return (int(x), int(x)) if isinstance(x, (int, float)) else tuple(int(v) for v in x)
 
-# %% ../nbs/03_model.ipynb #2a41da8a
+# %% ../nbs/03_model.ipynb #a3cec5ef
 class VisionTransformer(nn.Module):
     "V-JEPA's video ViT: tubelet embedding + fixed 3D sin-cos positions + timm blocks + final LayerNorm."
     def __init__(self, img_size=224, num_frames=16, patch_size=16, tubelet_size=2, in_chans=3, embed_dim=1024,
@@ -141,7 +141,13 @@ class VisionTransformer(nn.Module):
         self.frozen_blocks = n
         return self
 
-# %% ../nbs/03_model.ipynb #4b08475e
+# %% ../nbs/03_model.ipynb #fff63409
+def resolve_device(device='auto') -> torch.device:
+    "'auto' -> cuda when available, else cpu; asking for CUDA on a machine without it is an error naming the device."
+    dev = torch.device('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else torch.device(device)
+    if dev.type == 'cuda' and not torch.cuda.is_available(): raise ValueError(f"device {device!r} asked for but CUDA is not available")
+    return dev
+
 MODEL_SIZES = dict(vit_tiny=(192, 12, 3), vit_small=(384, 12, 6), vit_base=(768, 12, 12),
                    vit_large=(1024, 24, 16), vit_huge=(1280, 32, 16))   # name: (embed_dim, depth, num_heads)
 
@@ -157,7 +163,7 @@ def vit_base(**kw): return build_encoder('vit_base', **kw)
 def vit_large(**kw): return build_encoder('vit_large', **kw)
 def vit_huge(**kw): return build_encoder('vit_huge', **kw)
 
-# %% ../nbs/03_model.ipynb #41d0d896
+# %% ../nbs/03_model.ipynb #40e07339
 class Predictor(nn.Module):
     "V-JEPA's predictor: context tokens + mask tokens at the target positions -> predicted target features."
     def __init__(self, grid, embed_dim, predictor_embed_dim=384, depth=12, num_heads=12, num_mask_tokens=2,
@@ -193,7 +199,7 @@ def build_predictor(encoder, predictor_embed_dim=384, depth=12, num_mask_tokens=
     return Predictor(encoder.grid, encoder.embed_dim, predictor_embed_dim, depth, encoder.num_heads, num_mask_tokens,
                      uniform_power=encoder.uniform_power, **kw)
 
-# %% ../nbs/03_model.ipynb #e36c715b
+# %% ../nbs/03_model.ipynb #d6b61a11
 _PREFIXES = ('module.', 'backbone.')
 _FIXED = ('pos_embed', 'predictor_pos_embed')   # fixed sin-cos tables: recomputed for the model's grid
 
@@ -242,7 +248,7 @@ def load_checkpoint(path, encoder=None, predictor=None, which='target_encoder', 
         report['predictor'] = dict(source='predictor', **_load_into(predictor, ckpt['predictor'], strict))
     return report
 
-# %% ../nbs/03_model.ipynb #e37130a4
+# %% ../nbs/03_model.ipynb #943e90b3
 def _to_state(obj):
     "A module/optimizer/scaler becomes its state dict; plain values stay."
     return obj.state_dict() if hasattr(obj, 'state_dict') else obj
