@@ -75,6 +75,21 @@ def test_forward_shapes_and_masked_forward():
         assert d[0] > 1e-3 and d[1] < 1e-6
 
 
+def test_attention_goes_through_fused_sdpa():
+    "Every encoder and predictor block calls torch's scaled_dot_product_attention once per forward."
+    import unittest.mock
+    enc = small_encoder().eval()
+    pred = build_predictor(enc, predictor_embed_dim=48, depth=3)
+    x = torch.randn(2, 3, 4, 32, 32)
+    ctx, tgt = torch.tensor([[0, 1, 2], [3, 4, 5]]), torch.tensor([[6, 7], [1, 2]])
+    calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+    def counting(q, *a, **kw): calls.append(tuple(q.shape)); return sdpa(q, *a, **kw)
+    with unittest.mock.patch('torch.nn.functional.scaled_dot_product_attention', counting):
+        enc(x); pred(enc(x, ctx), ctx, tgt)
+    # (batch, heads, tokens, head_dim): full clip (8 tokens), context (3), predictor (3 context + 2 targets)
+    assert calls == [(2, 3, 8, 64)] * 2 + [(2, 3, 3, 64)] * 2 + [(2, 3, 5, 16)] * 3
+
+
 def test_apply_masks_gathers():
     x = torch.arange(2 * 5 * 3).view(2, 5, 3).float()
     idx = torch.tensor([[0, 4], [1, 3]])

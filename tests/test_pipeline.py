@@ -4,7 +4,7 @@ from dataclasses import replace
 from pathlib import Path
 import pytest, torch
 
-from usjepa.pipeline import RunConfig, validate, prepare_run_dir, run, launch, PAPER_PRESET
+from usjepa.pipeline import RunConfig, validate, prepare_run_dir, run, launch, grad_clip_at, PAPER_PRESET
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(synthetic_patients=6, synthetic_size=64, img_size=32, patch_size=8, num_frames=4, frame_step=2,
@@ -24,6 +24,15 @@ def test_notebook_parameters_are_the_run_config():
     cfg = {f.name: (f.default, f.type.__name__) for f in fields(RunConfig)}
     assert params == cfg
 
+def test_papermill_reads_every_parameter():
+    "papermill's own parser (used by `--help-notebook` and for injection) understands every parameter line."
+    from dataclasses import fields
+    from papermill.translators import PythonTranslator
+    nb = json.loads((ROOT / 'nbs' / 'train.ipynb').read_text())
+    cell = next(c for c in nb['cells'] if 'parameters' in c['metadata'].get('tags', []))
+    names = [p.name for p in PythonTranslator.inspect({'source': ''.join(cell['source'])})]
+    assert names == [f.name for f in fields(RunConfig)]    # a '=' inside a comment makes papermill skip the line
+
 def test_notebook_states_the_paper_preset():
     "The papermill command that train.ipynb gives for the paper's setting is PAPER_PRESET, value for value."
     import re
@@ -40,6 +49,12 @@ def test_bad_parameters_are_named_before_any_work(tmp_path):
         with pytest.raises(ValueError, match=f"{k}="): validate(tiny(tmp_path, **{k: v}))
     with pytest.raises(NotImplementedError, match='videomae'): validate(tiny(tmp_path, method='videomae'))
     assert not (tmp_path / 'run').exists()          # nothing was written
+
+def test_grad_clipping_starts_after_warmup_as_vjepa():
+    "V-JEPA clips when `epoch > warmup` (0-based epochs); clip_grad=0 never clips."
+    assert [grad_clip_at(RunConfig(warmup_epochs=3, clip_grad=5.), e) for e in range(6)] == [None] * 4 + [5., 5.]
+    assert grad_clip_at(RunConfig(warmup_epochs=0), 0) is None and grad_clip_at(RunConfig(warmup_epochs=0), 1) == 10.
+    assert grad_clip_at(RunConfig(warmup_epochs=0, clip_grad=0.), 5) is None
 
 def test_run_folder_is_never_mixed_or_overwritten(tmp_path):
     c = validate(tiny(tmp_path))
@@ -68,6 +83,7 @@ def test_papermill_runs_the_training_notebook(tmp_path):
     assert len(m['per_frame']['ids']) == m['summary']['n_frames']
     logs = [json.loads(l) for l in (out / 'pretrain_log.jsonl').read_text().splitlines()]
     assert [r['epoch'] for r in logs] == [0, 1] and all(r['loss_aux'] == r['loss_aux'] for r in logs)  # aux is on
+    assert all(r[k] > 0 for r in logs for k in ('grad_norm_enc', 'grad_norm_pred', 'grad_norm_aux'))
     nb = json.loads((tmp_path / 'out.ipynb').read_text())
     assert any('mean DSC' in ''.join(o.get('text', '')) for c in nb['cells'] for o in c.get('outputs', []))
 

@@ -123,14 +123,45 @@ def test_lam_and_aux():
         pretrain_step(model, video, masks, opt, lr=1e-3, wd=0.04, momentum=0.99, aux=aux, lam=1.5)
 
 
-def test_grad_clipping():
+def _norm(params):
+    grads = [p.grad for p in params if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item()
+
+
+def test_grad_clipping_per_module_as_vjepa():
+    # reference: the same step's gradients without clipping (lr=0, so the weights do not move)
     model = tiny()
     video, masks = batch(model)
     opt = torch.optim.SGD(param_groups(model, 0.), lr=0.)
-    r = pretrain_step(model, video, masks, opt, lr=0., wd=0., momentum=1., clip_grad=1e-3)
-    grads = [p.grad for g in opt.param_groups for p in g['params'] if p.grad is not None]
-    assert r['grad_norm'] > 1e-2                                   # the norm before clipping
-    assert math.isclose(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item(), 1e-3, rel_tol=1e-3)
+    r0 = pretrain_step(model, video, masks, opt, lr=0., wd=0., momentum=1.)
+    ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    enc0, pred0 = _norm(model.encoder.parameters()), _norm(model.predictor.parameters())
+    assert math.isclose(r0['grad_norm_enc'], enc0, rel_tol=1e-5) and math.isclose(r0['grad_norm_pred'], pred0, rel_tol=1e-5)
+    assert math.isclose(r0['grad_norm'], math.hypot(enc0, pred0), rel_tol=1e-5) and math.isnan(r0['grad_norm_aux'])
+    # clip between the two norms: only the larger part is scaled, each part on its own (not one joint clip)
+    clip = (enc0 + pred0) / 2
+    r = pretrain_step(model, video, masks, opt, lr=0., wd=0., momentum=1., clip_grad=clip)
+    assert r['grad_norm_enc'] == pytest.approx(enc0, rel=1e-5) and r['grad_norm_pred'] == pytest.approx(pred0, rel=1e-5)
+    big, small = ('encoder', 'predictor') if enc0 > pred0 else ('predictor', 'encoder')
+    for n, p in model.named_parameters():
+        if p.grad is None: continue
+        scale = clip / max(enc0, pred0) if n.startswith(big) else 1.
+        torch.testing.assert_close(p.grad, ref[n] * scale, rtol=1e-4, atol=1e-9)
+    assert _norm(getattr(model, big).parameters()) == pytest.approx(clip, rel=1e-4)
+
+
+def test_grad_clipping_with_aux_and_frozen_blocks():
+    from usjepa.localization import LocalizationLoss
+    model = tiny(freeze=1)
+    video, masks = batch(model)
+    aux = LocalizationLoss(model.encoder.embed_dim, n_pairs=8)
+    opt = torch.optim.SGD(param_groups(model, 0.) + param_groups(aux, 0.), lr=0.)
+    r = pretrain_step(model, video, masks, opt, lr=0., wd=0., momentum=1., aux=aux, lam=0.5, clip_grad=1e-5)
+    for part, key in ((model.encoder, 'enc'), (model.predictor, 'pred'), (aux, 'aux')):
+        n = r['grad_norm_' + key]                                   # torch scales by clip / (norm + 1e-6)
+        assert n > 1e-5 and _norm(part.parameters()) == pytest.approx(1e-5 * n / (n + 1e-6), rel=1e-4)
+    assert all(p.grad is None for p in model.encoder.blocks[0].parameters())       # frozen: no gradient at all
+    assert r['grad_norm'] == pytest.approx(math.sqrt(r['grad_norm_enc'] ** 2 + r['grad_norm_pred'] ** 2 + r['grad_norm_aux'] ** 2), rel=1e-5)
 
 
 def test_bf16_autocast_runs_on_cpu():

@@ -6,7 +6,7 @@
 __all__ = ['analytic_step_flops', 'counted_step_flops', 'bench_step', 'main']
 
 # %% ../nbs/11_bench.ipynb #5e8be2a5
-import argparse, math, resource, sys, time
+import argparse, json, math, resource, sys, time
 
 import torch
 
@@ -104,7 +104,9 @@ def _fmt(res):
 def _parser():
     p = argparse.ArgumentParser(prog='python -m usjepa.bench', description=__doc__ or 'usjepa benchmarks')
     sub = p.add_subparsers(dest='cmd', required=True)
-    s = sub.add_parser('step', help='time one pretraining step (V-JEPA [+ localization])')
+    out = argparse.ArgumentParser(add_help=False)          # every command can append its result to a JSON-lines file
+    out.add_argument('--out', default=None, help='append the result as one JSON line to this file (kept, never overwritten)')
+    s = sub.add_parser('step', parents=[out], help='time one pretraining step (V-JEPA [+ localization])')
     s.add_argument('--model', default='vit_tiny', choices=list(MODEL_SIZES))
     s.add_argument('--img-size', type=int, default=112); s.add_argument('--frames', type=int, default=16)
     s.add_argument('--batch', type=int, default=4); s.add_argument('--lam', type=float, default=1.0)
@@ -112,12 +114,12 @@ def _parser():
     s.add_argument('--device', default='auto'); s.add_argument('--amp', choices=['bf16', 'none'], default=None)
     s.add_argument('--peak-tflops', type=float, default=989.); s.add_argument('--pred-depth', type=int, default=12)
     s.add_argument('--freeze', type=int, default=0, help='freeze the first N encoder blocks')
-    l = sub.add_parser('loader', help='data loading speed (usjepa.data.benchmark_loader)')
+    l = sub.add_parser('loader', parents=[out], help='data loading speed (usjepa.data.benchmark_loader)')
     l.add_argument('--root', default=None, help='CAMUS root; default: a small synthetic phantom in a temporary folder')
     l.add_argument('--img-size', type=int, default=112); l.add_argument('--frames', type=int, default=16)
     l.add_argument('--batch', type=int, default=4); l.add_argument('--workers', type=int, default=0)
     l.add_argument('--n-clips', type=int, default=None)
-    q = sub.add_parser('probe', help='probe training speed (usjepa.probe.benchmark_probe)')
+    q = sub.add_parser('probe', parents=[out], help='probe training speed (usjepa.probe.benchmark_probe)')
     q.add_argument('--model', default='vit_tiny', choices=list(MODEL_SIZES))
     q.add_argument('--img-size', type=int, default=112); q.add_argument('--frames', type=int, default=16)
     q.add_argument('--batch', type=int, default=4); q.add_argument('--steps', type=int, default=10)
@@ -146,6 +148,8 @@ def main(argv=None):
         from usjepa.probe import benchmark_probe
         res = benchmark_probe(model=a.model, img_size=a.img_size, num_frames=a.frames, batch_size=a.batch, steps=a.steps, device=a.device)
     print(_fmt(res))
+    if a.out:
+        with open(a.out, 'a') as f: f.write(json.dumps({'cmd': a.cmd, 'time': time.strftime('%Y-%m-%dT%H:%M:%S'), **res}, default=str) + '\n')
     return res
 
 # %% ../nbs/11_bench.ipynb #0b3704cd

@@ -5,8 +5,9 @@
 # %% auto #0
 __all__ = ['METHODS', 'AVAILABLE_METHODS', 'PRECISIONS', 'PAPER_PRESET', 'RunConfig', 'validate', 'config_to_dict', 'load_config',
            'prepare_run_dir', 'Dist', 'init_distributed', 'amp_dtype', 'prepare_data', 'clips', 'build_models',
-           'read_log', 'pretrain', 'train_segmenter', 'evaluate_split', 'plot_losses', 'qualitative_figure',
-           'save_state', 'fingerprint', 'gather_fingerprints', 'run', 'torchrun_command', 'launch', 'main']
+           'read_log', 'grad_clip_at', 'pretrain', 'train_segmenter', 'evaluate_split', 'plot_losses',
+           'qualitative_figure', 'save_state', 'fingerprint', 'gather_fingerprints', 'run', 'torchrun_command',
+           'launch', 'main']
 
 # %% ../nbs/10_pipeline.ipynb #887b15b0
 import json, math, os, shlex, subprocess, sys, time, warnings
@@ -24,7 +25,7 @@ from .data import CamusClips, VIEWS, find_camus_root, denormalise, atomic_write
 from .phantom import write_camus_phantom
 from .masking import vjepa_masks
 from .model import MODEL_SIZES, build_encoder, build_predictor, load_checkpoint, save_checkpoint, resolve_device
-from .vjepa import VJEPA, pretrain_step, warmup_cosine, cosine, ema_schedule, param_groups
+from .vjepa import VJEPA, pretrain_step, warmup_cosine, cosine, ema_schedule, param_groups, STEP_STATS
 from .localization import LocalizationLoss
 from .probe import SegmentationHead, FeatureCache, freeze_encoder, predict, probe_epoch, evaluate
 from .metrics import SegMetrics
@@ -69,7 +70,7 @@ class RunConfig:
     final_weight_decay: float = 0.4 # ... to final_weight_decay
     ema_start: float = 0.998        # EMA momentum, linear from ema_start ...
     ema_end: float = 1.0            # ... to ema_end
-    clip_grad: float = 10.0         # gradient-norm clipping (0 = none)
+    clip_grad: float = 10.0         # gradient-norm clip per module after warmup, as V-JEPA (0 = none)
     # probe
     probe_epochs: int = 12
     probe_lr: float = 1e-3          # cosine from probe_lr to 0 (the paper's setting)
@@ -275,6 +276,15 @@ def _truncate_log(path, key, upto):
     _atomic_write_text(path, ''.join(json.dumps(r) + '\n' for r in rows))
 
 # %% ../nbs/10_pipeline.ipynb #46305dc4
+def grad_clip_at(c: RunConfig, epoch: int):
+    "Gradient clip for 0-based `epoch`: None during warmup, as V-JEPA's code (`epoch > warmup`), else `c.clip_grad`."
+    return (c.clip_grad or None) if epoch > c.warmup_epochs else None
+
+def _nanmean(xs):
+    "Mean of the non-NaN values of `xs`; NaN (without numpy's warning) when there are none."
+    xs = [x for x in xs if not math.isnan(x)]
+    return sum(xs) / len(xs) if xs else math.nan
+
 def pretrain(c: RunConfig, root, d: Dist = Dist(), on_epoch_end=None):
     "V-JEPA (+ localization) pretraining with per-epoch checkpoints; returns the trained `VJEPA` model."
     out = Path(c.out_dir); ckpt_path, log_path = out / 'pretrain.pt', out / 'pretrain_log.jsonl'
@@ -306,18 +316,19 @@ def pretrain(c: RunConfig, root, d: Dist = Dist(), on_epoch_end=None):
     for epoch in range(start, c.pretrain_epochs):
         _seed_everything(c.seed, 1, epoch, d.rank); sampler.set_epoch(epoch)
         gen = torch.Generator().manual_seed(_seed_everything(c.seed, 2, epoch, d.rank))
+        clip = grad_clip_at(c, epoch)
         rows = []
         for i, b in enumerate(tqdm(dl, desc=f'pretrain {epoch + 1}/{c.pretrain_epochs}', disable=not (c.progress and d.is_main), leave=False)):
             step = epoch * len(dl) + i
             video = b['video'].to(d.device, non_blocking=True)
             masks = [(ci.to(d.device), ti.to(d.device)) for ci, ti in vjepa_masks(len(video), model.grid, generator=gen)]
-            r = pretrain_step(dmodel, video, masks, opt, aux=daux, lam=lam, clip_grad=c.clip_grad or None, amp_dtype=dtype,
+            r = pretrain_step(dmodel, video, masks, opt, aux=daux, lam=lam, clip_grad=clip, amp_dtype=dtype,
                               lr=warmup_cosine(step, steps, warm, c.start_lr, c.lr, c.final_lr),
                               wd=cosine(step, steps, c.weight_decay, c.final_weight_decay),
                               momentum=ema_schedule(step, steps, c.ema_start, c.ema_end))
             rows.append(r)
-        row = dict(epoch=epoch, step=(epoch + 1) * len(dl), **{k: float(np.nanmean([r[k] for r in rows])) if rows else math.nan
-                                                             for k in ('loss', 'loss_jepa', 'loss_aux', 'grad_norm')},
+        row = dict(epoch=epoch, step=(epoch + 1) * len(dl), **{k: _nanmean([r[k] for r in rows])
+                                                             for k in STEP_STATS},
                    lr=opt.param_groups[0]['lr'])
         if d.is_main:
             save_checkpoint(ckpt_path, model.encoder, model.target_encoder, model.predictor, opt=opt, epoch=epoch,
