@@ -85,7 +85,10 @@ def clip_viewer(video, labels=None, pred=None, alpha=0.4, static=None):
     "Slider over frames (ipywidgets) or, without a widget frontend (or `static=True`), a static figure."
     v = _as_grey_video(video)
     if static is None: static = not _widgets_ok()
-    if static: return show_frames(v, labels, pred, n=min(6, len(v)), alpha=alpha)
+    if static:
+        fig = show_frames(v, labels, pred, n=min(6, len(v)), alpha=alpha)
+        plt.close(fig)          # shown once, as the returned value (an open figure would be drawn twice in a notebook)
+        return fig
     import ipywidgets as W
     lab, prd = (None if x is None else _np(x) for x in (labels, pred))
     out = W.Output()
