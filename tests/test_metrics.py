@@ -141,6 +141,33 @@ def test_paired_test_known_example():
         paired_test(x, x[:-1])
 
 
+def test_paired_test_by_sequence_and_patient():
+    "Per-unit tests average each method over a sequence's (patient's) frames, then compare the means."
+    rng = np.random.default_rng(3)
+    ids = [(f'p{p}', v, f) for p in range(4) for v in ('2CH', '4CH') for f in range(0, 4 * (p + 2), 4)]
+    def saved(dice):                          # a saved-metrics dict with class-1 Dice `dice` per frame
+        tp = np.round(np.asarray(dice) * 10000).astype(int)
+        return dict(classes={'1': 'LV endo'}, per_frame=dict(ids=[list(i) for i in ids],
+                    counts={'1': dict(tp=tp.tolist(), fp=(20000 - 2 * tp).tolist(), fn=[0] * len(tp))}))
+    da, db = rng.uniform(.6, .9, len(ids)), rng.uniform(.6, .9, len(ids))
+    da, db = np.round(da * 10000) / 10000, np.round(db * 10000) / 10000
+    for by, key in (('sequence', lambda i: i[:2]), ('patient', lambda i: i[0])):
+        units = sorted({key(i) for i in ids})
+        ma = [np.mean([x for i, x in zip(ids, da) if key(i) == u]) for u in units]     # brute force
+        mb = [np.mean([x for i, x in zip(ids, db) if key(i) == u]) for u in units]
+        r = paired_test(saved(da), saved(db), cls=1, by=by, n_boot=500)
+        assert r['by'] == by and r['n'] == len(units) == (8 if by == 'sequence' else 4)
+        assert r['mean_a'] == pytest.approx(np.mean(ma)) and r['std_b'] == pytest.approx(np.std(mb))
+        assert r['p_value'] == pytest.approx(stats.wilcoxon(ma, mb).pvalue)
+    # frames are paired by id, whatever their order in each file
+    shuffled = saved(db); order = rng.permutation(len(ids))
+    for k in ('tp', 'fp', 'fn'): shuffled['per_frame']['counts']['1'][k] = [shuffled['per_frame']['counts']['1'][k][j] for j in order]
+    shuffled['per_frame']['ids'] = [shuffled['per_frame']['ids'][j] for j in order]
+    assert paired_test(saved(da), shuffled, cls=1, by='sequence', n_boot=500) == paired_test(saved(da), saved(db), cls=1, by='sequence', n_boot=500)
+    with pytest.raises(ValueError, match=r'\(patient, view, frame\)'): paired_test(da, db, by='sequence')
+    with pytest.raises(ValueError, match="by must be"): paired_test(da, db, by='clip')
+
+
 def test_results_table(tmp_path):
     rng = np.random.default_rng(4)
     target = rng.integers(0, 4, (1, 4, 8, 8))

@@ -201,15 +201,27 @@ def _paired_vectors(a, b, metric, cls):
                              f"{len(set(mb.ids) - set(ma.ids))} only in b")
         pos = {i: k for k, i in enumerate(mb.ids)}
         order = np.array([pos[i] for i in ma.ids], dtype=np.int64)
-        return ma.scores()[key][metric], mb.scores()[key][metric][order]
+        return ma.scores()[key][metric], mb.scores()[key][metric][order], list(ma.ids)
     a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
     if a.shape != b.shape: raise ValueError(f"paired scores need equal lengths, got {a.size} and {b.size}")
-    return a, b
+    return a, b, None
 
-def paired_test(a, b, metric='dsc', cls='mean', n_boot=10000, seed=0) -> dict:
-    "Wilcoxon signed-rank p-value, mean ± std of each, and bootstrap 95% CI of mean(a - b)."
-    a, b = _paired_vectors(a, b, metric, cls)
-    if a.size < 2: raise ValueError(f"need at least 2 paired frames, got {a.size}")
+def _unit_means(x, ids, by):
+    "Mean of the per-frame scores `x` over each unit: a sequence (`(patient, view)`) or a patient."
+    if ids is None or not all(isinstance(i, tuple) and len(i) == 3 for i in ids):
+        raise ValueError(f"by={by!r} needs saved metrics whose frame ids are (patient, view, frame)")
+    units = [i[:2] if by == 'sequence' else i[0] for i in ids]
+    order = list(dict.fromkeys(units))                     # units in first-seen order
+    pos = {u: k for k, u in enumerate(order)}
+    idx = np.array([pos[u] for u in units])
+    return np.bincount(idx, weights=x) / np.bincount(idx)
+
+def paired_test(a, b, metric='dsc', cls='mean', n_boot=10000, seed=0, by='frame') -> dict:
+    "Wilcoxon signed-rank p-value, mean ± std of each, and bootstrap 95% CI of mean(a - b), over frames, sequences or patients."
+    if by not in ('frame', 'sequence', 'patient'): raise ValueError(f"by must be 'frame', 'sequence' or 'patient', got {by!r}")
+    a, b, ids = _paired_vectors(a, b, metric, cls)
+    if by != 'frame': a, b = _unit_means(a, ids, by), _unit_means(b, ids, by)
+    if a.size < 2: raise ValueError(f"need at least 2 paired {by}s, got {a.size}")
     d = a - b
     if np.all(d == 0): p, ci = 1.0, (0.0, 0.0)
     else:
@@ -217,7 +229,7 @@ def paired_test(a, b, metric='dsc', cls='mean', n_boot=10000, seed=0) -> dict:
         boot = stats.bootstrap((d,), np.mean, n_resamples=n_boot, confidence_level=0.95, method='percentile',
                                rng=np.random.default_rng(seed))
         ci = (float(boot.confidence_interval.low), float(boot.confidence_interval.high))
-    return dict(p_value=p, n=int(a.size), mean_a=float(a.mean()), std_a=float(a.std()),
+    return dict(p_value=p, by=by, n=int(a.size), mean_a=float(a.mean()), std_a=float(a.std()),
                 mean_b=float(b.mean()), std_b=float(b.std()), diff_mean=float(d.mean()), ci95=ci)
 
 # %% ../nbs/07_metrics.ipynb #09ea501e
