@@ -90,6 +90,27 @@ def test_attention_goes_through_fused_sdpa():
     assert calls == [(2, 3, 8, 64)] * 2 + [(2, 3, 3, 64)] * 2 + [(2, 3, 5, 16)] * 3
 
 
+@pytest.mark.parametrize('checkpointing', [False, True])
+def test_activation_checkpointing_recomputes_blocks_and_keeps_gradients(checkpointing):
+    def run(ckpt):
+        torch.manual_seed(0)
+        enc = small_encoder(drop_path_rate=0.2).set_grad_checkpointing(ckpt).train()
+        pred = build_predictor(enc, predictor_embed_dim=48, depth=2).set_grad_checkpointing(ckpt)
+        calls = []
+        for blk in [*enc.blocks, *pred.predictor_blocks]: blk.register_forward_pre_hook(lambda *a: calls.append(1))  # pre: recomputation may stop early
+        x = torch.randn(2, 3, 4, 32, 32, generator=torch.Generator().manual_seed(1))
+        ctx, tgt = torch.tensor([[0, 1, 2], [3, 4, 5]]), torch.tensor([[6, 7], [1, 2]])
+        torch.manual_seed(2)
+        pred(enc(x, ctx), ctx, tgt).square().mean().backward()
+        with torch.no_grad(): enc(x)                     # no autograd: never checkpointed
+        return calls, {n: q.grad for n, q in [*enc.named_parameters(), *pred.named_parameters()] if q.grad is not None}
+    calls, g = run(checkpointing)
+    assert len(calls) == (2 * 4 if checkpointing else 4) + 2      # recomputed in backward; + the no_grad forward
+    _, ref = run(False)
+    assert g.keys() == ref.keys()
+    for n in ref: torch.testing.assert_close(g[n], ref[n], rtol=1e-5, atol=1e-7)
+
+
 def test_apply_masks_gathers():
     x = torch.arange(2 * 5 * 3).view(2, 5, 3).float()
     idx = torch.tensor([[0, 4], [1, 3]])

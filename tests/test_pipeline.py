@@ -109,6 +109,20 @@ def test_resume_after_interruption_gives_the_same_result(tmp_path):
     logs = [json.loads(l)['epoch'] for l in (tmp_path / 'resumed' / 'pretrain_log.jsonl').read_text().splitlines()]
     assert logs == [0, 1]                            # each epoch logged once
 
+def test_activation_checkpointing_changes_memory_not_results(tmp_path):
+    "Recomputing activations gives the same weights; it may be switched on or off when a run resumes (e.g. after an OOM)."
+    ref = run(tiny(tmp_path, 'ref'))
+    c = tiny(tmp_path, 'ckpt', activation_checkpointing=True)
+    def stop(s, e, row):
+        if (s, e) == ('pretrain', 0): raise Interrupt
+    with pytest.raises(Interrupt): run(c, on_epoch_end=stop)
+    run(replace(c, activation_checkpointing=False))          # resumes the same run folder
+    for f, key in (('pretrain.pt', 'target_encoder'), ('probe.pt', 'head')):
+        a = torch.load(tmp_path / 'ref' / f, weights_only=True)[key]
+        b = torch.load(tmp_path / 'ckpt' / f, weights_only=True)[key]
+        assert all(torch.equal(a[k], b[k]) for k in a), f
+    assert _metrics(tmp_path / 'ref')['per_frame']['counts'] == _metrics(tmp_path / 'ckpt')['per_frame']['counts']
+
 def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path):
     res = launch(tiny(tmp_path, 'ddp', nproc_per_node=2, master_port=29731))
     fp = res['rank_fingerprints']

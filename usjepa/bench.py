@@ -48,7 +48,7 @@ def _sync(device):
     if device.type == 'cuda': torch.cuda.synchronize(device)
 
 def bench_step(model='vit_tiny', img_size=112, frames=16, batch=4, lam=1.0, steps=10, warmup=3, device='auto',
-               amp=None, peak_tflops=989., pred_depth=12, pred_dim=384, freeze=0, n_pairs=100, seed=0):
+               amp=None, peak_tflops=989., pred_depth=12, pred_dim=384, freeze=0, n_pairs=100, seed=0, checkpointing=False):
     "Time `pretrain_step`; returns dict with ms_per_step, clips_per_s, peak_mem_mb, flops_per_step, mfu (GPU)."
     if model not in MODEL_SIZES: raise ValueError(f"unknown model {model!r}; choose one of {list(MODEL_SIZES)}")
     if steps < 1 or batch < 1: raise ValueError(f"steps and batch must be >= 1, got steps={steps}, batch={batch}")
@@ -56,7 +56,8 @@ def bench_step(model='vit_tiny', img_size=112, frames=16, batch=4, lam=1.0, step
     amp_dtype = {None: torch.bfloat16 if dev.type == 'cuda' else None, 'bf16': torch.bfloat16, 'none': None}[amp]
     torch.manual_seed(seed)
     enc = build_encoder(model, img_size=img_size, num_frames=frames).freeze_blocks(freeze)
-    jepa = VJEPA(enc, build_predictor(enc, predictor_embed_dim=pred_dim, depth=pred_depth)).to(dev)
+    pred = build_predictor(enc, predictor_embed_dim=pred_dim, depth=pred_depth)
+    jepa = VJEPA(enc.set_grad_checkpointing(checkpointing), pred.set_grad_checkpointing(checkpointing)).to(dev)
     groups = param_groups(jepa, 0.04)
     aux = None
     if lam < 1:
@@ -73,10 +74,6 @@ def bench_step(model='vit_tiny', img_size=112, frames=16, batch=4, lam=1.0, step
         i += 1
         return pretrain_step(jepa, video, mask_sets[i % len(mask_sets)], opt, lr=1e-4, wd=0.04, momentum=0.999,
                              aux=aux, lam=lam, clip_grad=10., amp_dtype=amp_dtype)
-    # the first pass over the mask sets is counted (and warms up); FLOPs are averaged over the mask sets
-    flops = sum(counted_step_flops(step) for _ in mask_sets) / len(mask_sets)
-    n_ctx = [sum(m[k][0].shape[1] for m in mask_sets) / len(mask_sets) for k in range(len(mask_sets[0]))]
-    n_tgt = [sum(m[k][1].shape[1] for m in mask_sets) / len(mask_sets) for k in range(len(mask_sets[0]))]
     for _ in range(warmup): step()
     _sync(dev)
     if dev.type == 'cuda': torch.cuda.reset_peak_memory_stats(dev)
@@ -84,8 +81,15 @@ def bench_step(model='vit_tiny', img_size=112, frames=16, batch=4, lam=1.0, step
     for _ in range(steps): stats = step()
     _sync(dev)
     sec = (time.perf_counter() - t0) / steps
+    peak = _peak_memory_mb(dev)      # read before counting FLOPs: the counter's math-kernel attention needs more memory
+    # model FLOPs, averaged over the mask sets; without checkpointing, whose recomputation is not model work
+    jepa.encoder.set_grad_checkpointing(False); jepa.predictor.set_grad_checkpointing(False)
+    flops = sum(counted_step_flops(step) for _ in mask_sets) / len(mask_sets)
+    n_ctx = [sum(m[k][0].shape[1] for m in mask_sets) / len(mask_sets) for k in range(len(mask_sets[0]))]
+    n_tgt = [sum(m[k][1].shape[1] for m in mask_sets) / len(mask_sets) for k in range(len(mask_sets[0]))]
     res = dict(model=model, device=str(dev), amp=str(amp_dtype), batch=batch, clip=(frames, img_size, img_size), lam=lam,
-               ms_per_step=1000 * sec, clips_per_s=batch / sec, peak_mem_mb=_peak_memory_mb(dev), flops_per_step=flops,
+               checkpointing=checkpointing, freeze=freeze,
+               ms_per_step=1000 * sec, clips_per_s=batch / sec, peak_mem_mb=peak, flops_per_step=flops,
                analytic_flops_per_step=analytic_step_flops(enc, jepa.predictor, batch, n_ctx, n_tgt),
                tflops_per_s=flops / sec / 1e12, loss=stats['loss'])
     if dev.type == 'cuda': res.update(gpu=torch.cuda.get_device_name(dev), mfu=flops / sec / (peak_tflops * 1e12))
@@ -114,6 +118,7 @@ def _parser():
     s.add_argument('--device', default='auto'); s.add_argument('--amp', choices=['bf16', 'none'], default=None)
     s.add_argument('--peak-tflops', type=float, default=989.); s.add_argument('--pred-depth', type=int, default=12)
     s.add_argument('--freeze', type=int, default=0, help='freeze the first N encoder blocks')
+    s.add_argument('--checkpointing', action='store_true', help='activation checkpointing in encoder and predictor')
     l = sub.add_parser('loader', parents=[out], help='data loading speed (usjepa.data.benchmark_loader)')
     l.add_argument('--root', default=None, help='CAMUS root; default: a small synthetic phantom in a temporary folder')
     l.add_argument('--img-size', type=int, default=112); l.add_argument('--frames', type=int, default=16)
@@ -142,7 +147,7 @@ def main(argv=None):
     a = _parser().parse_args(argv)
     if a.cmd == 'step':
         res = bench_step(a.model, a.img_size, a.frames, a.batch, a.lam, a.steps, a.warmup, a.device, a.amp,
-                         a.peak_tflops, a.pred_depth, freeze=a.freeze)
+                         a.peak_tflops, a.pred_depth, freeze=a.freeze, checkpointing=a.checkpointing)
     elif a.cmd == 'loader': res = _loader(a)
     else:
         from usjepa.probe import benchmark_probe

@@ -59,6 +59,7 @@ class RunConfig:
     predictor_dim: int = 192        # predictor width (384 in V-JEPA)
     predictor_depth: int = 4        # predictor depth (12 in V-JEPA)
     init_checkpoint: str = ''       # '' or a V-JEPA checkpoint file (encoder + predictor are loaded)
+    activation_checkpointing: bool = False  # recompute block activations in backward: less memory, ~1/3 more compute
     # pretraining
     batch_size: int = 4             # clips per step and process
     pretrain_epochs: int = 5
@@ -92,7 +93,7 @@ class RunConfig:
 
     # fields that do not change what a run computes: they may differ when resuming
     RUN_ONLY = ('resume', 'num_workers', 'progress', 'device', 'out_dir', 'nproc_per_node', 'nnodes', 'node_rank',
-                'master_addr', 'master_port')
+                'master_addr', 'master_port', 'activation_checkpointing')
 
 # %% ../nbs/10_pipeline.ipynb #4c0a5967
 PAPER_PRESET = dict(model='vit_large', patch_size=16, predictor_dim=384, predictor_depth=12, img_size=224,
@@ -256,7 +257,7 @@ def build_models(c: RunConfig):
     enc = build_encoder(c.model, img_size=c.img_size, num_frames=c.num_frames, patch_size=c.patch_size)
     pred = build_predictor(enc, predictor_embed_dim=c.predictor_dim, depth=c.predictor_depth)
     report = load_checkpoint(c.init_checkpoint, enc, pred) if c.init_checkpoint else None
-    model = VJEPA(enc, pred)
+    model = VJEPA(enc.set_grad_checkpointing(c.activation_checkpointing), pred.set_grad_checkpointing(c.activation_checkpointing))
     if c.frozen_blocks: model.encoder.freeze_blocks(c.frozen_blocks)
     return model, report
 
