@@ -56,6 +56,16 @@ def test_grad_clipping_starts_after_warmup_as_vjepa():
     assert grad_clip_at(RunConfig(warmup_epochs=0), 0) is None and grad_clip_at(RunConfig(warmup_epochs=0), 1) == 10.
     assert grad_clip_at(RunConfig(warmup_epochs=0, clip_grad=0.), 5) is None
 
+def test_pretraining_passes_the_clip_per_epoch(tmp_path, monkeypatch):
+    import usjepa.pipeline
+    seen, real = [], usjepa.pipeline.pretrain_step
+    monkeypatch.setattr(usjepa.pipeline, 'pretrain_step', lambda *a, **kw: seen.append(kw['clip_grad']) or real(*a, **kw))
+    c = validate(tiny(tmp_path, warmup_epochs=0, clip_grad=3.))
+    prepare_run_dir(c)
+    usjepa.pipeline.pretrain(c, usjepa.pipeline.prepare_data(c))
+    half = len(seen) // 2
+    assert half > 0 and seen == [None] * half + [3.] * half    # epoch 0 unclipped (0 > 0 is false), epoch 1 clipped
+
 def test_run_folder_is_never_mixed_or_overwritten(tmp_path):
     c = validate(tiny(tmp_path))
     prepare_run_dir(c)
@@ -109,14 +119,20 @@ def test_resume_after_interruption_gives_the_same_result(tmp_path):
     logs = [json.loads(l)['epoch'] for l in (tmp_path / 'resumed' / 'pretrain_log.jsonl').read_text().splitlines()]
     assert logs == [0, 1]                            # each epoch logged once
 
-def test_activation_checkpointing_changes_memory_not_results(tmp_path):
+def test_activation_checkpointing_changes_memory_not_results(tmp_path, monkeypatch):
     "Recomputing activations gives the same weights; it may be switched on or off when a run resumes (e.g. after an OOM)."
+    import usjepa.model
     ref = run(tiny(tmp_path, 'ref'))
+    calls, real = [], usjepa.model.checkpoint
+    monkeypatch.setattr(usjepa.model, 'checkpoint', lambda *a, **kw: calls.append(1) or real(*a, **kw))
     c = tiny(tmp_path, 'ckpt', activation_checkpointing=True)
     def stop(s, e, row):
         if (s, e) == ('pretrain', 0): raise Interrupt
     with pytest.raises(Interrupt): run(c, on_epoch_end=stop)
-    run(replace(c, activation_checkpointing=False))          # resumes the same run folder
+    assert calls                                              # the run really checkpointed ...
+    n = len(calls)
+    run(replace(c, activation_checkpointing=False))          # ... and resumes the same run folder without it
+    assert len(calls) == n
     for f, key in (('pretrain.pt', 'target_encoder'), ('probe.pt', 'head')):
         a = torch.load(tmp_path / 'ref' / f, weights_only=True)[key]
         b = torch.load(tmp_path / 'ckpt' / f, weights_only=True)[key]

@@ -82,9 +82,12 @@ def bench_step(model='vit_tiny', img_size=112, frames=16, batch=4, lam=1.0, step
     _sync(dev)
     sec = (time.perf_counter() - t0) / steps
     peak = _peak_memory_mb(dev)      # read before counting FLOPs: the counter's math-kernel attention needs more memory
-    # model FLOPs, averaged over the mask sets; without checkpointing, whose recomputation is not model work
+    # model FLOPs, averaged over the mask sets; without checkpointing, whose recomputation is not model work.
+    # Counted on one clip (every sample has as many tokens, so FLOPs scale with the batch): the counter's
+    # math-kernel attention then fits wherever the timed step did.
     jepa.encoder.set_grad_checkpointing(False); jepa.predictor.set_grad_checkpointing(False)
-    flops = sum(counted_step_flops(step) for _ in mask_sets) / len(mask_sets)
+    video, mask_sets = video[:1], [[(c[:1], t[:1]) for c, t in m] for m in mask_sets]
+    flops = batch * sum(counted_step_flops(step) for _ in mask_sets) / len(mask_sets)
     n_ctx = [sum(m[k][0].shape[1] for m in mask_sets) / len(mask_sets) for k in range(len(mask_sets[0]))]
     n_tgt = [sum(m[k][1].shape[1] for m in mask_sets) / len(mask_sets) for k in range(len(mask_sets[0]))]
     res = dict(model=model, device=str(dev), amp=str(amp_dtype), batch=batch, clip=(frames, img_size, img_size), lam=lam,

@@ -281,9 +281,8 @@ def grad_clip_at(c: RunConfig, epoch: int):
     "Gradient clip for 0-based `epoch`: None during warmup, as V-JEPA's code (`epoch > warmup`), else `c.clip_grad`."
     return (c.clip_grad or None) if epoch > c.warmup_epochs else None
 
-def _nanmean(xs):
-    "Mean of the non-NaN values of `xs`; NaN (without numpy's warning) when there are none."
-    xs = [x for x in xs if not math.isnan(x)]
+def _mean(xs):
+    "Plain mean (a NaN step shows as a NaN epoch, never hidden); NaN for no steps, without numpy's warning."
     return sum(xs) / len(xs) if xs else math.nan
 
 def pretrain(c: RunConfig, root, d: Dist = Dist(), on_epoch_end=None):
@@ -328,7 +327,7 @@ def pretrain(c: RunConfig, root, d: Dist = Dist(), on_epoch_end=None):
                               wd=cosine(step, steps, c.weight_decay, c.final_weight_decay),
                               momentum=ema_schedule(step, steps, c.ema_start, c.ema_end))
             rows.append(r)
-        row = dict(epoch=epoch, step=(epoch + 1) * len(dl), **{k: _nanmean([r[k] for r in rows])
+        row = dict(epoch=epoch, step=(epoch + 1) * len(dl), **{k: _mean([r[k] for r in rows])
                                                              for k in STEP_STATS},
                    lr=opt.param_groups[0]['lr'])
         if d.is_main:

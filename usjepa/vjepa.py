@@ -117,7 +117,7 @@ def pretrain_step(model, video, masks, optimizer, *, lr, wd, momentum, aux=None,
     if loss_aux is None: norms[2] = nan
     optimizer.step()
     m.ema_update(momentum)
-    total = torch.stack(norms).nan_to_num().square().sum().sqrt()  # the whole model's norm (parts are disjoint)
+    total = torch.stack(norms[:3 if loss_aux is not None else 2]).square().sum().sqrt()  # whole model (parts are disjoint)
     vals = torch.stack([loss.detach().float(), out.loss.detach().float(), nan if loss_aux is None else loss_aux.detach().float(),
                         total.float(), *[n.float() for n in norms]]).tolist()   # one device sync per step
     return dict(zip(STEP_STATS, vals))
