@@ -139,6 +139,15 @@ def test_activation_checkpointing_changes_memory_not_results(tmp_path, monkeypat
         assert all(torch.equal(a[k], b[k]) for k in a), f
     assert _metrics(tmp_path / 'ref')['per_frame']['counts'] == _metrics(tmp_path / 'ckpt')['per_frame']['counts']
 
+def test_bf16_precision_runs_end_to_end_on_cpu(tmp_path):
+    "precision='bf16' takes the autocast path a GPU run takes; on the CPU too it must train and score every frame."
+    ref, bf16 = run(tiny(tmp_path, 'fp32')), run(tiny(tmp_path, 'bf16', precision='bf16'))
+    logs = [json.loads(l) for l in (tmp_path / 'bf16' / 'pretrain_log.jsonl').read_text().splitlines()]
+    assert all(r['loss'] == r['loss'] and r['loss'] < 10 for r in logs)
+    assert bf16['summary']['n_frames'] == ref['summary']['n_frames']
+    fp32 = [json.loads(l) for l in (tmp_path / 'fp32' / 'pretrain_log.jsonl').read_text().splitlines()]
+    assert all(abs(a['loss'] - b['loss']) > 1e-7 for a, b in zip(logs, fp32))     # really computed in bf16
+
 def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path):
     res = launch(tiny(tmp_path, 'ddp', nproc_per_node=2, master_port=29731))
     fp = res['rank_fingerprints']
