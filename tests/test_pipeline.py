@@ -47,6 +47,7 @@ def test_bad_parameters_are_named_before_any_work(tmp_path):
                  img_size=30, views='3CH')
     for k, v in cases.items():
         with pytest.raises(ValueError, match=f"{k}="): validate(tiny(tmp_path, **{k: v}))
+    with pytest.raises(ValueError, match='resume'): validate(tiny(tmp_path, resume='no'))   # a string would be truthy
     with pytest.raises(NotImplementedError, match='videomae'): validate(tiny(tmp_path, method='videomae'))
     assert not (tmp_path / 'run').exists()          # nothing was written
 

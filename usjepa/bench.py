@@ -7,6 +7,7 @@ __all__ = ['analytic_step_flops', 'counted_step_flops', 'bench_step', 'main']
 
 # %% ../nbs/11_bench.ipynb #5e8be2a5
 import argparse, json, math, resource, sys, time
+from pathlib import Path
 
 import torch
 
@@ -148,6 +149,8 @@ def _loader(a):
 def main(argv=None):
     "Entry point of `python -m usjepa.bench`."
     a = _parser().parse_args(argv)
+    if a.out and not Path(a.out).resolve().parent.is_dir():   # checked before the (possibly long) benchmark runs
+        raise ValueError(f"--out {a.out}: folder {Path(a.out).resolve().parent} does not exist")
     if a.cmd == 'step':
         res = bench_step(a.model, a.img_size, a.frames, a.batch, a.lam, a.steps, a.warmup, a.device, a.amp,
                          a.peak_tflops, a.pred_depth, freeze=a.freeze, checkpointing=a.checkpointing)

@@ -149,6 +149,8 @@ def validate(c: RunConfig) -> RunConfig:
     "Check every field (raising one ValueError that lists all problems) and fill the defaults that depend on others."
     unknown_type = [f.name for f in fields(c) if f.type in ('int', int) and not isinstance(getattr(c, f.name), int)]
     if unknown_type: raise ValueError(f"these parameters must be integers: {[(k, getattr(c, k)) for k in unknown_type]}")
+    not_bool = [f.name for f in fields(c) if f.type in ('bool', bool) and not isinstance(getattr(c, f.name), bool)]
+    if not_bool: raise ValueError(f"these parameters must be True or False: {[(k, getattr(c, k)) for k in not_bool]}")  # 'False' is truthy
     problems = _problems(c)
     if problems: raise ValueError("invalid run configuration:\n  - " + "\n  - ".join(problems))
     if c.method not in AVAILABLE_METHODS:
