@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from usjepa.data import (CamusClips, read_sequence, find_camus_root, camus_split, label_fraction_patients,
-                         clip_indices, eval_clips, max_clip_start, normalise, denormalise, benchmark_loader, VIEWS)
+                         clip_indices, eval_clips, max_clip_start, normalise, denormalise, VIEWS)
 from usjepa.phantom import write_camus_phantom, write_nifti_sequence, make_sequence, _patient_seed
 
 SIZE = (48, 56)   # non-square on purpose: a transposed reader would give (56, 48)
@@ -195,9 +195,6 @@ def test_disk_cache_roundtrip_and_invalidation(camus, tmp_path):
     assert not np.array_equal(v2, v0)
 
 
-def test_benchmark_loader_reports(camus):
-    r = benchmark_loader(camus, split='val', img_size=16, num_frames=4, batch_size=2)
-    assert r['n_clips'] == 2 and r['cold_clips_per_s'] > 0 and r['disk_clips_per_s'] > 0 and r['memory_clips_per_s'] > 0
 
 
 # ---------- bad input ----------

@@ -4,7 +4,8 @@ from dataclasses import replace
 from pathlib import Path
 import pytest, torch
 
-from usjepa.pipeline import RunConfig, validate, prepare_run_dir, run, launch, grad_clip_at, PAPER_PRESET
+from usjepa.config import RunConfig, validate, prepare_run_dir, PAPER_PRESET
+from usjepa.pipeline import run, launch, grad_clip_at
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(synthetic_patients=6, synthetic_size=64, img_size=32, patch_size=8, num_frames=4, frame_step=2,

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from usjepa.model import VisionTransformer
-from usjepa.probe import (AttentiveProbe, ConvDecoder, FeatureCache, SegmentationHead, _Clips, evaluate,
+from usjepa.probe import (AttentiveProbe, ConvDecoder, FeatureCache, SegmentationHead, InMemoryClips, evaluate,
                           frozen_features, predict, seg_loss, split_patch, train_probe)
 
 
@@ -19,7 +19,7 @@ def clips(n=4, T=4, H=32, W=32, seed=0):
     video = torch.randn(n, 3, T, H, W, generator=g)
     smooth = F.avg_pool3d(video.mean(1, keepdim=True), (1, 5, 5), 1, (0, 2, 2))[:, 0]
     labels = torch.bucketize(smooth, torch.tensor([-0.2, 0.0, 0.2]))
-    return _Clips(video, labels)
+    return InMemoryClips(video, labels)
 
 
 @pytest.mark.parametrize('patch,img', [(16, 64), (8, 32)])
@@ -128,7 +128,7 @@ def test_probe_overfits_tiny_batch():
     from usjepa.data import normalise
     from usjepa.phantom import make_sequence
     seq = make_sequence(0, n_frames=4, size=(32, 32))
-    ds = _Clips(normalise(seq['video'])[None], torch.from_numpy(seq['labels']).long()[None])
+    ds = InMemoryClips(normalise(seq['video'])[None], torch.from_numpy(seq['labels']).long()[None])
     enc = tiny_encoder()
     cache = FeatureCache(enc, ds, progress=False)
     torch.manual_seed(0)

@@ -5,18 +5,17 @@
 # %% ../nbs/02_data.ipynb #c7ac722a
 from __future__ import annotations
 import math, os, time, warnings, tempfile
-from contextlib import contextmanager
 from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
+from .core import atomic_write
 
 # %% auto #0
 __all__ = ['CLASSES', 'VIEWS', 'MEAN', 'STD', 'SPLIT_FILES', 'find_camus_root', 'parse_cfg', 'check_labels', 'sequence_files',
            'read_sequence', 'camus_split', 'label_fraction_patients', 'clip_indices', 'max_clip_start',
-           'first_occurrence', 'eval_clips', 'normalise', 'denormalise', 'atomic_write', 'CamusClips',
-           'benchmark_loader']
+           'first_occurrence', 'eval_clips', 'normalise', 'denormalise', 'CamusClips']
 
 # %% ../nbs/02_data.ipynb #cf167b72
 CLASSES = {1: 'LV endo', 2: 'LV epi', 3: 'LA'}
@@ -196,18 +195,6 @@ def denormalise(video) -> torch.Tensor:
     mean = torch.tensor(MEAN).view(3, 1, 1, 1); std = torch.tensor(STD).view(3, 1, 1, 1)
     return (video * std + mean).mean(-4).clamp(0, 1)
 
-# %% ../nbs/02_data.ipynb #7739121d
-@contextmanager
-def atomic_write(path):
-    "Yield a temporary path beside `path`; on success it replaces `path` in one rename (never half a file)."
-    path = Path(path)
-    tmp = path.with_name(f'.{path.stem}.{os.getpid()}.tmp{path.suffix}')   # same suffix: np.savez adds none
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists(): tmp.unlink()
-
 # %% ../nbs/02_data.ipynb #0ace0e80
 def _resize(arr, size, labels=False):
     "uint8 (F,H,W) -> uint8 (F,size,size)."
@@ -295,25 +282,3 @@ class CamusClips(Dataset):
         return dict(video=normalise(video[idx]), labels=torch.from_numpy(labels[idx].astype(np.int64)),
                     valid=torch.from_numpy(np.asarray(valid, bool)), frame_idx=torch.from_numpy(idx),
                     patient=q['patient'], view=q['view'])
-
-# %% ../nbs/02_data.ipynb #7219658d
-def benchmark_loader(root, split='train', n_clips=None, batch_size=4, num_workers=0, cache_dir=None, **kw) -> dict:
-    "Clips per second from `CamusClips` cold (decode), memory-cached and disk-cached; `kw` go to `CamusClips`."
-    def run(ds):
-        sub = ds if n_clips is None else torch.utils.data.Subset(ds, range(min(n_clips, len(ds))))
-        dl = torch.utils.data.DataLoader(sub, batch_size=batch_size, num_workers=num_workers)
-        t0, n = time.perf_counter(), 0
-        for b in dl: n += len(b['patient'])
-        return n, time.perf_counter() - t0
-    tmpd = None
-    if cache_dir is None: tmpd = tempfile.TemporaryDirectory(); cache_dir = tmpd.name
-    try:
-        ds = CamusClips(root, split, cache_dir=None, **kw)
-        n, t_cold = run(ds)
-        _, t_mem = run(ds) if num_workers == 0 else (n, float('nan'))   # workers do not share the memory cache
-        run(CamusClips(root, split, cache_dir=cache_dir, **kw))        # fills the disk cache
-        _, t_disk = run(CamusClips(root, split, cache_dir=cache_dir, **kw))
-    finally:
-        if tmpd is not None: tmpd.cleanup()
-    return dict(n_clips=n, img_size=ds.img_size, num_frames=ds.num_frames, n_sequences=len(ds.sequences),
-                cold_clips_per_s=n / t_cold, memory_clips_per_s=n / t_mem, disk_clips_per_s=n / t_disk)

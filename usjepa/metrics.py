@@ -8,7 +8,7 @@ import json, os, tempfile
 from pathlib import Path
 import numpy as np
 import torch
-from .data import atomic_write
+from .core import atomic_write
 from scipy import stats
 
 # %% auto #0

@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['MODEL_SIZES', 'sincos_1d', 'sincos_pos_embed_3d', 'resize_pos_embed', 'apply_masks', 'PatchEmbed3D', 'run_blocks',
-           'VisionTransformer', 'resolve_device', 'build_encoder', 'vit_tiny', 'vit_small', 'vit_base', 'vit_large',
-           'vit_huge', 'Predictor', 'build_predictor', 'load_checkpoint', 'save_checkpoint']
+           'VisionTransformer', 'build_encoder', 'vit_tiny', 'vit_small', 'vit_base', 'vit_large', 'vit_huge',
+           'Predictor', 'build_predictor', 'load_checkpoint', 'save_checkpoint']
 
 # %% ../nbs/04_model.ipynb #45299401
 import math, os, tempfile
@@ -19,7 +19,7 @@ from einops import rearrange
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 from torch.utils.checkpoint import checkpoint
-from .data import atomic_write
+from .core import save_torch
 
 # %% ../nbs/04_model.ipynb #964a5c71
 def sincos_1d(dim, pos):
@@ -153,12 +153,6 @@ class VisionTransformer(nn.Module):
         return self
 
 # %% ../nbs/04_model.ipynb #fff63409
-def resolve_device(device='auto') -> torch.device:
-    "'auto' -> cuda when available, else cpu; asking for CUDA on a machine without it is an error naming the device."
-    dev = torch.device('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else torch.device(device)
-    if dev.type == 'cuda' and not torch.cuda.is_available(): raise ValueError(f"device {device!r} asked for but CUDA is not available")
-    return dev
-
 MODEL_SIZES = dict(vit_tiny=(192, 12, 3), vit_small=(384, 12, 6), vit_base=(768, 12, 12),
                    vit_large=(1024, 24, 16), vit_huge=(1280, 32, 16))   # name: (embed_dim, depth, num_heads)
 
@@ -283,5 +277,4 @@ def save_checkpoint(path, encoder, target_encoder=None, predictor=None, overwrit
     if predictor is not None: ckpt['predictor'] = _wrap(predictor)
     if target_encoder is not None: ckpt['target_encoder'] = _wrap(target_encoder)
     ckpt.update({k: _to_state(v) for k, v in extra.items()})
-    with atomic_write(path) as tmp: torch.save(ckpt, tmp)
-    return path
+    return save_torch(path, ckpt)

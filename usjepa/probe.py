@@ -15,13 +15,14 @@ from timm.layers import Mlp, trunc_normal_
 from timm.models.vision_transformer import Block
 from tqdm.auto import tqdm
 from .metrics import SegMetrics
-from .data import atomic_write
-from .model import sincos_pos_embed_3d, resolve_device
+from .core import save_torch
+from .model import sincos_pos_embed_3d
+from .vjepa import cosine
 
 # %% auto #0
 __all__ = ['freeze_encoder', 'frozen_features', 'CrossAttention', 'CrossAttentionBlock', 'AttentiveProbe', 'split_patch',
-           'ConvDecoder', 'SegmentationHead', 'FeatureCache', 'seg_loss', 'probe_epoch', 'train_probe', 'predict',
-           'evaluate', 'benchmark_probe']
+           'ConvDecoder', 'SegmentationHead', 'InMemoryClips', 'FeatureCache', 'seg_loss', 'probe_epoch', 'train_probe',
+           'predict', 'evaluate']
 
 # %% ../nbs/09_probe.ipynb #a8277941
 def freeze_encoder(encoder: nn.Module) -> nn.Module:
@@ -149,8 +150,8 @@ class SegmentationHead(nn.Module):
     def forward(self, features): return self.decoder(self.probe(features))
 
 # %% ../nbs/09_probe.ipynb #6e1f0103
-class _Clips(torch.utils.data.Dataset):
-    "Clips held in memory as a dataset of dicts (used by `benchmark_probe` and demos)."
+class InMemoryClips(torch.utils.data.Dataset):
+    "Clips held in memory as a dataset of dicts, like `CamusClips` gives them (for demos and benchmarks)."
     def __init__(self, video, labels, valid=None):
         self.video, self.labels = video, labels
         self.valid = valid if valid is not None else torch.ones(labels.shape[:2], dtype=torch.bool)
@@ -204,7 +205,7 @@ class FeatureCache(torch.utils.data.Dataset):
         return {k: (torch.cat(v) if k in self.keys else v) for k, v in out.items()}
 
     def _save(self):
-        with atomic_write(self.path) as tmp: torch.save(dict(meta=self.meta, **self.data), tmp)
+        save_torch(self.path, dict(meta=self.meta, **self.data))
 
     def _load(self):
         d = torch.load(self.path, map_location='cpu', weights_only=True, mmap=True)
@@ -246,6 +247,7 @@ def seg_loss(logits, labels, valid=None):
     if valid is not None: labels = labels.masked_fill(~valid.bool()[..., None, None], -100)
     return F.cross_entropy(logits, labels.long(), ignore_index=-100)
 
+# %% ../nbs/09_probe.ipynb #ecbfd796
 def probe_epoch(head, data, opt, *, lr_at=None, step=0, encoder=None, device=None, amp_dtype=None) -> dict:
     "One pass over `data` (a DataLoader): cross-entropy on valid frames, one AdamW step per batch. `lr_at(step)` sets the lr."
     device = torch.device(device) if device is not None else next(head.parameters()).device
@@ -259,29 +261,39 @@ def probe_epoch(head, data, opt, *, lr_at=None, step=0, encoder=None, device=Non
             logits = head(feats)
         valid = b['valid'].to(device) if 'valid' in b else None
         loss = seg_loss(logits.float(), b['labels'].to(device), valid)
-        opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
-        lrs.append(opt.param_groups[0]['lr']); step += 1
-        tot += loss.item() * len(feats); n += len(feats)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        lrs.append(opt.param_groups[0]['lr'])
+        step += 1
+        tot += loss.item() * len(feats)
+        n += len(feats)
     return dict(loss=tot / max(n, 1), lr=lrs, step=step)
 
-def train_probe(head, data, epochs=20, lr=1e-3, final_lr=0.0, weight_decay=0.01, batch_size=4, encoder=None,
-                device=None, amp_dtype=None, generator=None, num_workers=0, progress=True) -> dict:
-    "Train `head` on frozen features with cross-entropy, AdamW and a cosine lr `lr -> final_lr`."
+def train_probe(head, data, epochs=20, lr=1e-3, final_lr=0.0, weight_decay=0.01, batch_size=4, *, encoder=None,
+                device=None, amp_dtype=None, generator=None, epoch_generator=None, opt=None, start_epoch=0,
+                on_epoch_end=None, forward=None, num_workers=0, progress=True) -> dict:
+    "Train `head` on frozen features (or video + `encoder`) with cross-entropy, AdamW and a cosine lr `lr -> final_lr`."
     if epochs < 1: raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if len(data) == 0: raise ValueError("no training clips: the dataset is empty")
     device = torch.device(device) if device is not None else next(head.parameters()).device
     head.to(device).train()
     if encoder is not None: freeze_encoder(encoder).to(device)
-    dl = _loader(data, batch_size, True, generator, num_workers)
-    if len(dl) == 0: raise ValueError("no training batches: the dataset is empty")
-    opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
-    total = epochs * len(dl)
-    lr_at = lambda s: final_lr + (lr - final_lr) * 0.5 * (1 + math.cos(math.pi * s / total))   # cosine lr -> final_lr
-    hist, step, t0 = dict(loss=[], lr=[], seconds=0.0), 0, time.perf_counter()
-    bar = tqdm(range(epochs), desc='probe', disable=not progress)
-    for _ in bar:
-        r = probe_epoch(head, dl, opt, lr_at=lr_at, step=step, encoder=encoder, device=device, amp_dtype=amp_dtype)
-        step = r['step']; hist['loss'].append(r['loss']); hist['lr'] += r['lr']
+    if opt is None:
+        opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    n_batches = math.ceil(len(data) / batch_size)
+    total = epochs * n_batches
+    hist, t0 = dict(loss=[], lr=[], seconds=0.0), time.perf_counter()
+    bar = tqdm(range(start_epoch, epochs), desc='probe', disable=not progress)
+    for epoch in bar:
+        gen = epoch_generator(epoch) if epoch_generator is not None else generator
+        dl = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, generator=gen, num_workers=num_workers)
+        r = probe_epoch(forward or head, dl, opt, lr_at=lambda s: cosine(s, total, lr, final_lr), step=epoch * n_batches,
+                        encoder=encoder, device=device, amp_dtype=amp_dtype)
+        hist['loss'].append(r['loss'])
+        hist['lr'] += r['lr']
         bar.set_postfix(loss=f"{r['loss']:.4f}")
+        if on_epoch_end is not None: on_epoch_end(epoch, dict(epoch=epoch, loss=r['loss'], lr=r['lr'][-1]))
     hist['seconds'] = time.perf_counter() - t0
     return hist
 
@@ -305,41 +317,3 @@ def evaluate(head, data, encoder=None, metrics=None, batch_size=4, amp_dtype=Non
         pred = predict(head, _batch_features(b, encoder, device, amp_dtype), amp_dtype=amp_dtype)
         metrics.update(pred.cpu(), b['labels'], b.get('valid'), ids=b if 'patient' in b else None)
     return metrics
-
-# %% ../nbs/09_probe.ipynb #47582f79
-def benchmark_probe(encoder=None, dataset=None, epochs=3, batch_size=4, device='auto', model='vit_tiny',
-                    img_size=112, num_frames=16, patch_size=16, steps=None, n_clips=None, probe_dim=64,
-                    num_heads=4, amp_dtype=None, seed=0) -> dict:
-    """Time probe training with cached features vs recomputing the frozen encoder each epoch.
-    Without `encoder`/`dataset`: `build_encoder(model, ...)` and random clips; `steps` (optimizer steps per
-    run) sets the number of clips to `ceil(steps / epochs) * batch_size` (default 2 batches per epoch)."""
-    torch.manual_seed(seed)
-    device = resolve_device(device)
-    name = model if encoder is None else type(encoder).__name__
-    if encoder is None:
-        from usjepa.model import build_encoder
-        encoder = build_encoder(model, img_size=img_size, num_frames=num_frames, patch_size=patch_size)
-    encoder = freeze_encoder(encoder).to(device)
-    if dataset is None:
-        (gt, gh, gw), _, tub, p = _encoder_geometry(encoder)
-        T, H, W = gt * tub, gh * p, gw * p
-        n = n_clips or (math.ceil(steps / epochs) if steps else 2) * batch_size
-        dataset = _Clips(torch.randn(n, 3, T, H, W), torch.randint(0, 4, (n, T, H, W)))
-    def sync():
-        if device.type == 'cuda': torch.cuda.synchronize()
-    def new_head():
-        torch.manual_seed(seed)
-        return SegmentationHead.from_encoder(encoder, probe_dim=probe_dim, num_heads=num_heads).to(device)
-    kw = dict(epochs=epochs, batch_size=batch_size, amp_dtype=amp_dtype, progress=False)
-    sync(); t0 = time.perf_counter()
-    train_probe(new_head(), dataset, encoder=encoder, generator=torch.Generator().manual_seed(seed), **kw)
-    sync(); t1 = time.perf_counter()
-    cache = FeatureCache(encoder, dataset, batch_size=batch_size, device=device, amp_dtype=amp_dtype, progress=False)
-    sync(); t2 = time.perf_counter()
-    train_probe(new_head(), cache, generator=torch.Generator().manual_seed(seed), **kw)
-    sync(); t3 = time.perf_counter()
-    recompute, cache_build, cached = t1 - t0, t2 - t1, t3 - t2
-    return dict(device=str(device), model=name,
-                grid=tuple(encoder.grid), embed_dim=encoder.embed_dim, n_clips=len(dataset), epochs=epochs,
-                batch_size=batch_size, recompute_s=recompute, cache_build_s=cache_build, cached_train_s=cached,
-                speedup=recompute / (cache_build + cached), epoch_speedup=recompute / cached)

@@ -1,0 +1,36 @@
+"The notebooks are a lesson in reading order: each teaches one idea and uses only what earlier notebooks define."
+import json, re
+from pathlib import Path
+
+NBS = Path(__file__).resolve().parents[1] / 'nbs'
+NUMBERED = sorted(NBS.glob('[0-9][0-9]_*.ipynb'))
+
+def cells(nb): return json.loads(nb.read_text())['cells']
+def src(c): return ''.join(c['source'])
+
+def module_of(nb):
+    "The module a notebook exports (its `#| default_exp`), or None."
+    for c in cells(nb):
+        m = re.search(r'^#\| default_exp (\w+)', src(c), re.M)
+        if m: return m.group(1)
+
+def test_numbers_have_no_gaps():
+    assert [int(p.name[:2]) for p in NUMBERED] == list(range(len(NUMBERED)))
+
+def test_no_notebook_uses_a_later_one():
+    order = {module_of(p): int(p.name[:2]) for p in NUMBERED}
+    bad = []
+    for p in NUMBERED:
+        n = int(p.name[:2])
+        for c in cells(p):
+            if c['cell_type'] != 'code': continue
+            for mod in re.findall(r'\busjepa\.(\w+)', src(c)):
+                if mod in order and order[mod] > n: bad.append(f"{p.name} uses usjepa.{mod} ({order[mod]:02d})")
+    assert not bad, bad
+
+def test_each_notebook_starts_with_its_one_idea():
+    for p in NUMBERED:
+        first = src(cells(p)[0])
+        assert cells(p)[0]['cell_type'] == 'markdown' and first.startswith('# '), p.name
+        assert re.search(r'^> \S', first, re.M), f"{p.name}: the first cell needs a '> one idea' line"
+        assert module_of(p), f"{p.name} exports no module"
