@@ -302,7 +302,9 @@ class SegMetrics:
             if ph is None or sp is None or not (isinstance(i, tuple) and len(i) == 3): continue
             key = (i[0], i[1], ph)
             if key in self.lv or key in lv: raise ValueError(f"{ph} frame of {key[:2]} scored twice (frame id {i})")
-            lv[key] = dict(pred=p == 1, ref=g == 1, spacing=sp)
+            r, c = np.nonzero((p == 1) | (g == 1))              # keep the box around both cavities only
+            box = np.s_[r.min():r.max() + 1, c.min():c.max() + 1] if r.size else np.s_[0:0, 0:0]
+            lv[key] = dict(pred=p[box] == 1, ref=g[box] == 1, spacing=sp)
         meas = np.array([s is not None for s in sps], bool)
         dist = frame_distances(P[meas], G[meas], np.array([s for s in sps if s is not None]).reshape(-1, 2), self.structures)
         for name, labels in self.structures.items():
