@@ -90,7 +90,7 @@ def test_papermill_runs_the_training_notebook(tmp_path):
     assert json.loads((out / 'config.json').read_text())['lam'] == 0.25
     m = _metrics(out)
     assert m['summary']['n_frames'] > 0
-    for cls in ('LV endo', 'LV epi', 'LA', 'mean'):
+    for cls in ('paper:LV endo', 'paper:myocardium', 'paper:LA', 'paper:mean', 'camus:LV_epi', 'camus:mean'):
         for k in ('dsc', 'ji', 'ppv', 'recall'): assert 0 <= m['summary'][cls][k]['mean'] <= 1
     assert len(m['per_frame']['ids']) == m['summary']['n_frames']
     logs = [json.loads(l) for l in (out / 'pretrain_log.jsonl').read_text().splitlines()]

@@ -18,7 +18,7 @@ __all__ = ['CLASSES', 'VIEWS', 'MEAN', 'STD', 'SPLIT_FILES', 'find_camus_root', 
            'first_occurrence', 'eval_clips', 'normalise', 'denormalise', 'CamusClips']
 
 # %% ../nbs/02_data.ipynb #cf167b72
-CLASSES = {1: 'LV endo', 2: 'LV epi', 3: 'LA'}
+CLASSES = {1: 'LV endo', 2: 'myocardium', 3: 'LA'}
 VIEWS = ('2CH', '4CH')
 MEAN = (0.485, 0.456, 0.406)   # ImageNet statistics: what published V-JEPA weights expect
 STD = (0.229, 0.224, 0.225)

@@ -13,7 +13,7 @@ __all__ = ['COLORS', 'NAMES', 'overlay', 'show_frames', 'clip_viewer']
 
 # %% ../nbs/08_viz.ipynb #8e92bda1
 COLORS = {1: (0.0, 0.85, 0.0), 2: (0.9, 0.1, 0.1), 3: (0.15, 0.35, 1.0)}   # LV endo, LV epi (myocardium), LA
-NAMES = {1: 'LV endo', 2: 'LV epi', 3: 'LA'}
+NAMES = {1: 'LV endo', 2: 'myocardium', 3: 'LA'}
 
 def _np(x):
     "numpy array from numpy or torch (detached, on the CPU)."
