@@ -14,7 +14,7 @@ from einops import rearrange
 from timm.layers import Mlp, trunc_normal_
 from timm.models.vision_transformer import Block
 from tqdm.auto import tqdm
-from .metrics import SegMetrics
+from .metrics import SegMetrics, native_labels
 from .core import save_torch
 from .model import sincos_pos_embed_3d
 from .vjepa import cosine
@@ -22,7 +22,7 @@ from .vjepa import cosine
 # %% auto #0
 __all__ = ['freeze_encoder', 'frozen_features', 'CrossAttention', 'CrossAttentionBlock', 'AttentiveProbe', 'split_patch',
            'ConvDecoder', 'SegmentationHead', 'InMemoryClips', 'FeatureCache', 'seg_loss', 'probe_epoch', 'train_probe',
-           'predict', 'evaluate']
+           'predict_logits', 'predict', 'evaluate']
 
 # %% ../nbs/09_probe.ipynb #a8277941
 def freeze_encoder(encoder: nn.Module) -> nn.Module:
@@ -299,21 +299,43 @@ def train_probe(head, data, epochs=20, lr=1e-3, final_lr=0.0, weight_decay=0.01,
 
 # %% ../nbs/09_probe.ipynb #0e39db32
 @torch.no_grad()
-def predict(head, x, encoder=None, amp_dtype=None) -> torch.Tensor:
-    "Label maps `(B, T, H, W)`: `x` is features `(B, N, D)`, or video `(B, 3, T, H, W)` when `encoder` is given."
+def predict_logits(head, x, encoder=None, amp_dtype=None) -> torch.Tensor:
+    "Logits `(B, C, T, H, W)` (float32): `x` is features `(B, N, D)`, or video `(B, 3, T, H, W)` when `encoder` is given."
     head.eval()
     device = next(head.parameters()).device
     feats = frozen_features(encoder, x.to(device), amp_dtype) if encoder is not None else x.to(device).float()
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        return head(feats).argmax(1)
+        return head(feats).float()
+
+def predict(head, x, encoder=None, amp_dtype=None) -> torch.Tensor:
+    "Label maps `(B, T, H, W)`: the argmax of `predict_logits`."
+    return predict_logits(head, x, encoder, amp_dtype).argmax(1)
+
+def _score_clip(metrics, logits, item, ref, resolution):
+    "Score one clip's logits `(C, T, h, w)` against the file's labels (`native`) or the resized ones (`input`)."
+    ids = dict(patient=[item['patient']], view=[item['view']], frame_idx=item['frame_idx'][None])
+    if resolution == 'native':
+        pred = native_labels(logits.transpose(0, 1), ref['labels'].shape[1:])
+        target, spacing = torch.from_numpy(ref['labels'][item['frame_idx'].numpy()].astype(np.int64)), ref['spacing']
+    else:
+        pred, target = logits.argmax(0), item['labels']
+        (H, W), (h, w) = ref['labels'].shape[1:], target.shape[-2:]
+        spacing = (ref['spacing'][0] * H / h, ref['spacing'][1] * W / w)     # mm per pixel of the resized grid
+    metrics.update(pred[None], target[None], item['valid'][None], ids=ids, spacing=spacing)
 
 def evaluate(head, data, encoder=None, metrics=None, batch_size=4, amp_dtype=None, num_workers=0,
-             progress=True) -> SegMetrics:
-    "Score `head` on every valid frame of `data` (FeatureCache or clip dataset with `encoder`)."
+             progress=True, reference=None, resolution='native') -> SegMetrics:
+    "Score `head` on every valid frame of `data`; with `reference(patient, view)` at the files' own size and spacing."
+    if resolution not in ('native', 'input'): raise ValueError(f"resolution={resolution!r}: choose 'native' or 'input'")
     metrics = metrics if metrics is not None else SegMetrics()
     device = next(head.parameters()).device
     if encoder is not None: freeze_encoder(encoder).to(device)
     for b in tqdm(_loader(data, batch_size, False, num_workers=num_workers), desc='evaluate', disable=not progress):
-        pred = predict(head, _batch_features(b, encoder, device, amp_dtype), amp_dtype=amp_dtype)
-        metrics.update(pred.cpu(), b['labels'], b.get('valid'), ids=b if 'patient' in b else None)
+        logits = predict_logits(head, _batch_features(b, encoder, device, amp_dtype), amp_dtype=amp_dtype).cpu()
+        if reference is None:
+            metrics.update(logits.argmax(1), b['labels'], b.get('valid'), ids=b if 'patient' in b else None)
+            continue
+        for k in range(len(logits)):
+            item = {key: b[key][k] for key in ('patient', 'view', 'frame_idx', 'valid', 'labels')}
+            _score_clip(metrics, logits[k], item, reference(item['patient'], item['view']), resolution)
     return metrics
