@@ -151,7 +151,7 @@ def test_eval_dataset_covers_every_frame(camus):
 
 
 def test_item_contents_and_resize(camus):
-    ds = CamusClips(camus, 'train', views='4CH', img_size=24, num_frames=16, frame_step=4)
+    ds = CamusClips(camus, 'train', views='4CH', img_size=24, num_frames=16, frame_step=4, augment=False)
     torch.manual_seed(0); it = ds[0]
     assert it['video'].shape == (3, 16, 24, 24) and it['video'].dtype == torch.float32
     assert it['labels'].shape == (16, 24, 24) and it['labels'].dtype == torch.int64
@@ -249,3 +249,56 @@ def test_unknown_view(camus):
     with pytest.raises(ValueError, match="'PLAX'"): CamusClips(camus, views=('2CH', 'PLAX'))
     with pytest.raises(ValueError, match='split'): camus_split(camus, 'training')
     with pytest.raises(ValueError, match='mode'): CamusClips(camus, mode='test')
+
+
+def test_float_images_refused_unless_integer_valued(tmp_path):
+    import nibabel as nib
+    pdir = tmp_path / 'database_nifti' / 'patient0001'
+    s = make_sequence(1, '2CH', n_frames=4, size=(40, 40))
+    write_nifti_sequence(pdir, '2CH', s['video'], s['labels'], s['info'])
+    f = pdir / 'patient0001_2CH_half_sequence.nii.gz'
+    def save(arr): nib.save(nib.Nifti1Image(np.ascontiguousarray(arr.transpose(2, 1, 0)).astype(np.float32), np.eye(4)), str(f))
+    save(s['video'].astype(np.float32))
+    np.testing.assert_array_equal(read_sequence(pdir, '2CH')['video'], s['video'])
+    save(s['video'] / 255.)                              # [0, 1] floats: today read as {0, 1}
+    with pytest.raises(ValueError, match=r'half_sequence.nii.gz: image is stored as float32 with non-integer values in 0..0.98'):
+        read_sequence(pdir, '2CH')
+    v = s['video'].astype(np.float32); v[1, 2, 2] = np.nan
+    save(v)
+    with pytest.raises(ValueError, match=r'half_sequence.nii.gz: image holds 1 NaN'): read_sequence(pdir, '2CH')
+    v[1, 2, 2] = -3.
+    save(v)
+    with pytest.raises(ValueError, match=r'found -3\.\.'): read_sequence(pdir, '2CH')
+
+
+def test_augmentation_one_crop_per_clip_and_aligned_labels():
+    from usjepa.data import augment_clip
+    S, T = 16, 5
+    yy, xx = np.meshgrid(np.arange(S), np.arange(S), indexing='ij')
+    frames = np.stack([8 * xx + 20 * t for t in range(T)]).astype(np.uint8)
+    labels = np.repeat((16 * yy + xx)[None], T, 0).astype(np.uint8)
+    torch.manual_seed(0)
+    seen_flip = set()
+    for _ in range(20):
+        f, l, p = augment_clip(frames, labels, S)
+        f, l = f.int().numpy(), l.int().numpy()
+        seen_flip.add(p['flip'])
+        assert all(np.abs(f[t] - f[0] - 20 * t).max() <= 1 and (l[t] == l[0]).all() for t in range(T))
+        sy, sx = l[0] // 16, l[0] % 16
+        assert p['top'] <= sy.min() and sy.max() < p['top'] + p['height'] and p['left'] <= sx.min() and sx.max() < p['left'] + p['width']
+        assert (np.diff(sx.mean(0)) <= 0).all() if p['flip'] else (np.diff(sx.mean(0)) >= 0).all()
+        assert np.abs(f[0] - 8 * sx).max() <= 8
+    assert seen_flip == {True, False}
+
+
+def test_dataset_augments_train_only(camus):
+    aug = CamusClips(camus, 'train', views='4CH', img_size=24, num_frames=4, frame_step=4)
+    off = CamusClips(camus, 'train', views='4CH', img_size=24, num_frames=4, frame_step=4, augment=False)
+    ev = CamusClips(camus, 'test', views='4CH', img_size=24, num_frames=4, frame_step=4, mode='eval', augment=True)
+    assert aug.augment and not off.augment and not ev.augment
+    torch.manual_seed(0); a = aug[0]
+    torch.manual_seed(0); b = off[0]
+    assert torch.equal(a['frame_idx'], b['frame_idx']) and not torch.equal(a['video'], b['video'])
+    torch.manual_seed(0); a2 = aug[0]
+    assert torch.equal(a['video'], a2['video']) and torch.equal(a['labels'], a2['labels'])
+    assert set(a['labels'].unique().tolist()) <= {0, 1, 2, 3}

@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from usjepa.localization import (LocalizationHead, LocalizationLoss, chance_mse, localization_loss,
+from usjepa.localization import (LocalizationHead, LocalizationLoss, chance_loss, localization_loss, split_pairs,
                                  relative_offsets, sample_pairs, token_coords)
 
 
@@ -123,8 +123,8 @@ def test_localization_loss_matches_loop():
         n1, n2 = tgt[s, a[s, p]].item(), tgt[s, b[s, p]].item()
         c1 = (n1 // 20, n1 % 20 // 5, n1 % 5); c2 = (n2 // 20, n2 % 20 // 5, n2 % 5)
         truth = torch.tensor([(c1[0] - c2[0]) / 3, (c1[1] - c2[1]) / 4, (c1[2] - c2[2]) / 5])
-        total += ((head(preds[s, a[s, p]], preds[s, b[s, p]]) - truth) ** 2).mean().item()
-    assert abs(loss.item() - total / (B * P)) < 1e-6
+        total += ((head(preds[s, a[s, p]], preds[s, b[s, p]]) - truth) ** 2).sum().item()   # Eq. 3: summed over t, i, j
+    assert abs(loss.item() - total / (B * P)) < 1e-5
 
 
 def test_localization_loss_averages_generators():
@@ -133,19 +133,21 @@ def test_localization_loss_averages_generators():
     p1, i1 = torch.randn(2, 20, 6), torch.arange(20).expand(2, 20)
     p2, i2 = torch.randn(2, 9, 6), torch.arange(9).expand(2, 9) * 3
     both = localization_loss(head, [p1, p2], [i1, i2], grid, 30, torch.Generator().manual_seed(1))
-    g = torch.Generator().manual_seed(1)
-    l1 = localization_loss(head, p1, i1, grid, 30, g); l2 = localization_loss(head, p2, i2, grid, 30, g)
+    g = torch.Generator().manual_seed(1)     # 30 pairs per clip: 15 from each generator, one pooled mean
+    l1 = localization_loss(head, p1, i1, grid, 15, g); l2 = localization_loss(head, p2, i2, grid, 15, g)
     assert torch.isclose(both, (l1 + l2) / 2)
+    assert split_pairs(100, 2) == [50, 50] and split_pairs(7, 2) == [4, 3]
+    with pytest.raises(ValueError, match='n_pairs=1'): localization_loss(head, [p1, p2], [i1, i2], grid, 1)
     with pytest.raises(ValueError, match='disagree'): localization_loss(head, p1, i2, grid)
     with pytest.raises(ValueError, match='one tgt_idx'): localization_loss(head, [p1, p2], [i1], grid)
 
 
-def test_chance_mse_brute_force():
+def test_chance_loss_brute_force():
     for grid in [(2, 3, 4), (8, 4, 4), (1, 5, 2)]:
         n = grid[0] * grid[1] * grid[2]
         c = token_coords(torch.arange(n), grid)
         d = relative_offsets(c[:, None], c[None], grid)
-        assert abs(chance_mse(grid) - ((d ** 2).mean(-1).sum() / (n * (n - 1))).item()) < 1e-6
+        assert abs(chance_loss(grid) - ((d ** 2).sum(-1).sum() / (n * (n - 1))).item()) < 1e-6
 
 
 # ---------------------------------------------------------------- inside V-JEPA pretraining
@@ -202,3 +204,17 @@ def test_combined_loss_mixes_with_lambda():
     assert any(not torch.equal(b, p) for b, p in zip(before, aux.head.parameters()))   # the head trains jointly
     assert abs(r['loss'] - (0.25 * r['loss_jepa'] + 0.75 * r['loss_aux'])) < 1e-5
     assert r['loss_aux'] > 0
+
+
+def test_head_weight_decay_follows_the_schedule():
+    from usjepa.vjepa import pretrain_step, param_groups
+    model = _tiny_vjepa()
+    aux = LocalizationLoss(model.encoder.embed_dim, grid=model.encoder.grid, n_pairs=10)
+    opt = torch.optim.AdamW(param_groups(model, 0.04) + param_groups(aux, 0.04))
+    pretrain_step(model, torch.randn(2, 3, 4, 32, 32), _masks(model.encoder.grid), opt,
+                  lr=1e-3, wd=0.25, momentum=0.99, aux=aux, lam=0.25)
+    decay = {id(p): g['weight_decay'] for g in opt.param_groups for p in g['params']}
+    lins = [m for m in aux.head.modules() if isinstance(m, torch.nn.Linear)]
+    assert [decay[id(m.weight)] for m in lins] == [0.25] * 3 and [decay[id(m.bias)] for m in lins] == [0.] * 3
+    for n, p in list(model.named_parameters()) + list(aux.named_parameters()):
+        if p.requires_grad: assert decay[id(p)] == (0. if n.endswith('bias') or p.ndim == 1 else 0.25), n

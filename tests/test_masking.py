@@ -98,3 +98,15 @@ def test_tube_mask():
     a = tube_mask(2, grid, generator=torch.Generator().manual_seed(3))
     b = tube_mask(2, grid, generator=torch.Generator().manual_seed(3))
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_tiny_grid_fails_fast_instead_of_hanging():
+    import time
+    from usjepa.masking import check_mask_grid
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=r'grid \(2, 1, 1\) is too small'): vjepa_masks(2, (2, 1, 1))
+    with pytest.raises(ValueError, match=r'\(2, 1, 1\) is too small for mask generator 0'): check_mask_grid((2, 1, 1))
+    assert time.perf_counter() - t0 < 2
+    mg = MultiBlockMask3D((1, 2, 2), spatial_scale=(0.5, 0.5), aspect_ratio=(1., 1.), num_blocks=64, max_tries=3)
+    with pytest.raises(ValueError, match='3 draws'): mg(2, generator=torch.Generator().manual_seed(0))
+    assert check_mask_grid((8, 14, 14)) == (8, 14, 14) and check_mask_grid([4, 2, 2]) == (4, 2, 2)

@@ -206,10 +206,16 @@ def test_load_reports_differences(tmp_path):
     rep = load_checkpoint(tmp_path / 'c.pth', small_encoder(depth=2))       # falls back to 'encoder'
     assert rep['encoder']['source'] == 'encoder'
     assert rep['encoder']['unexpected'] == sorted(k for k in enc.state_dict() if k.startswith('blocks.2.'))
-    rep = load_checkpoint(tmp_path / 'c.pth', small_encoder(depth=4))
+    with pytest.raises(ValueError, match=r'12 missing \[blocks\.3\.'):                # refused unless asked for
+        load_checkpoint(tmp_path / 'c.pth', small_encoder(depth=4))
+    rep = load_checkpoint(tmp_path / 'c.pth', small_encoder(depth=4), partial=True)
     assert rep['encoder']['missing'] == sorted(k for k in small_encoder(depth=4).state_dict() if k.startswith('blocks.3.'))
-    rep = load_checkpoint(tmp_path / 'c.pth', vit_tiny(img_size=32, num_frames=4, depth=3, mlp_ratio=2.))
+    with pytest.raises(ValueError, match='9 mis-shaped'):
+        load_checkpoint(tmp_path / 'c.pth', vit_tiny(img_size=32, num_frames=4, depth=3, mlp_ratio=2.))
+    rep = load_checkpoint(tmp_path / 'c.pth', vit_tiny(img_size=32, num_frames=4, depth=3, mlp_ratio=2.), partial=True)
     assert {k for k, _, _ in rep['encoder']['mismatched']} == {f'blocks.{i}.mlp.{n}' for i in range(3) for n in ('fc1.weight', 'fc1.bias', 'fc2.weight')}
+    with pytest.raises(ValueError, match='unexpected'):
+        load_checkpoint(tmp_path / 'c.pth', small_encoder(depth=2), strict=True)
     with pytest.raises(ValueError, match='missing'):
         load_checkpoint(tmp_path / 'c.pth', small_encoder(depth=4), strict=True)
     with pytest.raises(FileNotFoundError, match='nope.pth'):
@@ -238,3 +244,27 @@ def test_save_load_round_trip(tmp_path):
         assert torch.equal(pred2(tgt(x, ci), ci, ti), pred(tgt(x, ci), ci, ti))
     with pytest.raises(FileExistsError):
         save_checkpoint(path, enc, overwrite=False)
+
+
+def test_checkpoint_must_fit_and_bad_files_name_the_file(tmp_path):
+    from usjepa.model import vit_small, check_checkpoint, open_checkpoint
+    path = save_checkpoint(tmp_path / 'tiny.pth.tar', vit_tiny(img_size=32, num_frames=4, depth=2))
+    small = vit_small(img_size=32, num_frames=4, depth=2)
+    before = {k: v.clone() for k, v in small.state_dict().items()}
+    with pytest.raises(ValueError, match=r'tiny\.pth\.tar.*0 fit.*mis-shaped'):
+        load_checkpoint(path, small)
+    assert all(torch.equal(before[k], v) for k, v in small.state_dict().items())      # nothing half-loaded
+    with torch.device('meta'):
+        meta_small = vit_small(img_size=32, num_frames=4, depth=2)
+        meta_tiny = vit_tiny(img_size=32, num_frames=4, depth=2)
+    with pytest.raises(ValueError, match='mis-shaped'): check_checkpoint(path, meta_small)
+    assert check_checkpoint(path, meta_tiny)['encoder']['loaded'] == len(meta_tiny.state_dict())
+    assert check_checkpoint(path, {k: v.shape for k, v in meta_tiny.state_dict().items()})['encoder']['missing'] == []
+    (tmp_path / 'notes.txt').write_text('not a checkpoint\n')
+    with pytest.raises(ValueError, match=r'notes\.txt: cannot read as a PyTorch checkpoint'): load_checkpoint(tmp_path / 'notes.txt', small)
+    (tmp_path / 'cut.pth').write_bytes(path.read_bytes()[:3000])
+    with pytest.raises(ValueError, match=r'cut\.pth: cannot read'): load_checkpoint(tmp_path / 'cut.pth', small)
+    torch.save(dict(epoch=1, probe=dict(w=torch.zeros(1))), tmp_path / 'probe.pt')
+    with pytest.raises(ValueError, match=r"probe\.pt has no 'encoder'"): check_checkpoint(tmp_path / 'probe.pt', meta_tiny)
+    torch.save({}, tmp_path / 'empty.pt')
+    with pytest.raises(ValueError, match='empty dict'): open_checkpoint(tmp_path / 'empty.pt')

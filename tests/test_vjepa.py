@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from usjepa.model import vit_tiny, build_predictor
 from usjepa.masking import vjepa_masks
-from usjepa.vjepa import VJEPA, JEPAOutput, pretrain_step, param_groups, warmup_cosine, cosine, ema_schedule
+from usjepa.vjepa import VJEPA, JEPAOutput, pretrain_step, param_groups, warmup_cosine, cosine, ema_schedule, schedule_at
 
 
 def tiny(seed=0, freeze=0, depth=2):
@@ -106,13 +106,23 @@ def test_lam_and_aux():
     video, masks = batch(model)
     opt = torch.optim.AdamW(param_groups(model, 0.04))
 
-    def never(out, model): raise AssertionError('aux computed with lam=1')
-    r = pretrain_step(model, video, masks, opt, lr=1e-4, wd=0.04, momentum=0.99, aux=never, lam=1.0)
+    class Never(torch.nn.Module):
+        def forward(self, out, model): raise AssertionError('aux computed with lam=1')
+    r = pretrain_step(model, video, masks, opt, lr=1e-4, wd=0.04, momentum=0.99, aux=Never(), lam=1.0)
     assert r['loss'] == r['loss_jepa'] and math.isnan(r['loss_aux'])
 
-    head = torch.nn.Linear(192, 1)
+    class Aux(torch.nn.Module):       # the auxiliary loss is a module: its parameters are the aux part
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(192, 1)
+        def forward(self, out, model): return sum(self.head(p).pow(2).mean() for p in out.preds) / len(out.preds)
+    aux = Aux()
+    head = aux.head
+    with pytest.raises(ValueError, match='does not hold'):   # its parameters must be in the optimizer
+        pretrain_step(model, video, masks, opt, lr=1e-3, wd=0.04, momentum=0.99, aux=aux, lam=0.25)
+    with pytest.raises(ValueError, match='nn.Module'):
+        pretrain_step(model, video, masks, opt, lr=1e-3, wd=0.04, momentum=0.99, aux=lambda out, m: out.loss, lam=0.25)
     opt = torch.optim.AdamW(param_groups(model, 0.04) + param_groups(head, 0.04))
-    def aux(out, model): return sum(head(p).pow(2).mean() for p in out.preds) / len(out.preds)
     w0 = head.weight.clone()
     r = pretrain_step(model, video, masks, opt, lr=1e-3, wd=0.04, momentum=0.99, aux=aux, lam=0.25)
     assert math.isclose(r['loss'], 0.25 * r['loss_jepa'] + 0.75 * r['loss_aux'], rel_tol=1e-5)
@@ -183,3 +193,21 @@ def test_schedules():
     assert math.isclose(cosine(total // 2, total, 0.04, 0.4), 0.22)
     assert ema_schedule(0, total) == 0.998 and ema_schedule(total, total) == 1.0 and math.isclose(ema_schedule(250, total), 0.9985)
     assert ema_schedule(2 * total, total) == 1.0
+
+
+def test_ipe_scale_matches_reference_formulas():
+    # V-JEPA's schedules span int(ipe_scale * epochs * ipe) iterations; training stops after epochs * ipe
+    ipe, epochs, warmup_ep, scale = 20, 8, 2, 1.25
+    total, W, T = ipe * epochs, ipe * warmup_ep, int(scale * ipe * epochs)
+    lr0, lr1, lr2, wd0, wd1, e0, e1 = 1e-4, 1e-3, 1e-6, 0.04, 0.4, 0.998, 1.0
+    for itr in (0, total // 2, total - 1):
+        s = itr + 1                       # the reference steps its lr/wd schedulers before the update
+        lr = lr0 + s / W * (lr1 - lr0) if s < W else lr2 + (lr1 - lr2) * 0.5 * (1 + math.cos(math.pi * (s - W) / (T - W)))
+        wd = wd1 + (wd0 - wd1) * 0.5 * (1 + math.cos(math.pi * s / T))
+        m = e0 + itr * (e1 - e0) / (ipe * epochs * scale)
+        got = schedule_at(itr, total, W, start_lr=lr0, ref_lr=lr1, final_lr=lr2, wd=wd0, final_wd=wd1, ema=(e0, e1), ipe_scale=scale)
+        assert got == pytest.approx(dict(lr=lr, wd=wd, momentum=m), rel=1e-12)
+    assert warmup_cosine(total, total, W, lr0, lr1, lr2, ipe_scale=scale) > 10 * lr2      # not at the end yet
+    assert cosine(total, total, wd0, wd1, ipe_scale=scale) < wd1 and ema_schedule(total, total, ipe_scale=scale) < 1.0
+    assert warmup_cosine(total, total, W, lr0, lr1, lr2) == pytest.approx(lr2)             # default 1.0: today's
+    with pytest.raises(ValueError, match='ipe_scale'): cosine(1, total, wd0, wd1, ipe_scale=0)

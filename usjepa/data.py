@@ -13,9 +13,9 @@ from torch.utils.data import Dataset
 from .core import atomic_write
 
 # %% auto #0
-__all__ = ['CLASSES', 'VIEWS', 'MEAN', 'STD', 'SPLIT_FILES', 'find_camus_root', 'parse_cfg', 'check_labels', 'sequence_files',
-           'read_sequence', 'camus_split', 'label_fraction_patients', 'clip_indices', 'max_clip_start',
-           'first_occurrence', 'eval_clips', 'normalise', 'denormalise', 'CamusClips']
+__all__ = ['CLASSES', 'VIEWS', 'MEAN', 'STD', 'SPLIT_FILES', 'AUG_SCALE', 'AUG_RATIO', 'find_camus_root', 'parse_cfg',
+           'check_labels', 'sequence_files', 'read_sequence', 'camus_split', 'label_fraction_patients', 'clip_indices',
+           'max_clip_start', 'first_occurrence', 'eval_clips', 'normalise', 'denormalise', 'augment_clip', 'CamusClips']
 
 # %% ../nbs/02_data.ipynb #cf167b72
 CLASSES = {1: 'LV endo', 2: 'myocardium', 3: 'LA'}
@@ -79,10 +79,24 @@ def _load_nifti(path):
     return np.ascontiguousarray(arr), (float(zooms[1]), float(zooms[0]))
 
 def _as_uint8(arr, path, what):
-    if arr.dtype == np.uint8: return arr
-    if arr.size and (np.nanmin(arr) < 0 or np.nanmax(arr) > 255 or np.isnan(arr).any()):
-        raise ValueError(f"{path}: {what} values must lie in 0..255, found {np.nanmin(arr)}..{np.nanmax(arr)}")
-    return np.round(arr).astype(np.uint8)
+    "`arr` as uint8, refusing (naming `path`) anything but integer values in 0..255: NaN, infinities, fractions, out of range."
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.size == 0:
+        return arr.astype(np.uint8)
+    if arr.dtype.kind == 'f':
+        n_nan = int(np.isnan(arr).sum())
+        if n_nan:
+            raise ValueError(f"{path}: {what} holds {n_nan} NaN values (of {arr.size}); expected integer intensities 0..255")
+        if not np.isfinite(arr).all():
+            raise ValueError(f"{path}: {what} holds infinite values; expected integer intensities 0..255")
+    lo, hi = f"{arr.min().item():.4g}", f"{arr.max().item():.4g}"
+    if arr.min() < 0 or arr.max() > 255:
+        raise ValueError(f"{path}: {what} values must lie in 0..255, found {lo}..{hi}")
+    if arr.dtype.kind == 'f' and not np.array_equal(arr, np.round(arr)):
+        raise ValueError(f"{path}: {what} is stored as {arr.dtype} with non-integer values in {lo}..{hi}; expected integer "
+                         f"intensities 0..255 (an image scaled to [0, 1] must be multiplied by 255 and saved as uint8)")
+    return arr.astype(np.uint8)
 
 def check_labels(labels, path):
     "Raise if `labels` holds values other than 0..3 (names the file and the bad values)."
@@ -195,6 +209,27 @@ def denormalise(video) -> torch.Tensor:
     mean = torch.tensor(MEAN).view(3, 1, 1, 1); std = torch.tensor(STD).view(3, 1, 1, 1)
     return (video * std + mean).mean(-4).clamp(0, 1)
 
+# %% ../nbs/02_data.ipynb #eda366aa
+AUG_SCALE = (0.3, 1.0)     # V-JEPA's random resized crop: fraction of the frame area ...
+AUG_RATIO = (0.75, 1.35)   # ... and aspect ratio (width / height) of the crop
+
+def augment_clip(frames, labels, size, scale=AUG_SCALE, ratio=AUG_RATIO, flip_p=0.5):
+    "One random resized crop and one horizontal flip for a whole clip: uint8 (T,H,W) frames and labels -> (T,size,size) each, and the parameters."
+    from torchvision.transforms import RandomResizedCrop
+    frames, labels = torch.as_tensor(frames), torch.as_tensor(labels)
+    if frames.dim() != 3 or frames.shape != labels.shape:
+        raise ValueError(f"frames and labels must both be (T, H, W), got {tuple(frames.shape)} and {tuple(labels.shape)}")
+    top, left, h, w = RandomResizedCrop.get_params(frames, list(scale), list(ratio))   # torch's global RNG
+    flip = bool(torch.rand(()) < flip_p)
+    crop = frames[:, top:top + h, left:left + w].unsqueeze(1).float()
+    crop_lab = labels[:, top:top + h, left:left + w].unsqueeze(1).float()
+    out = F.interpolate(crop, size=(size, size), mode='bilinear', antialias=True, align_corners=False)
+    out = out.squeeze(1).round().clamp(0, 255).to(torch.uint8)
+    out_lab = F.interpolate(crop_lab, size=(size, size), mode='nearest-exact').squeeze(1).to(labels.dtype)
+    if flip:
+        out, out_lab = out.flip(-1), out_lab.flip(-1)
+    return out, out_lab, dict(top=top, left=left, height=h, width=w, flip=flip)
+
 # %% ../nbs/02_data.ipynb #0ace0e80
 def _resize(arr, size, labels=False):
     "uint8 (F,H,W) -> uint8 (F,size,size)."
@@ -210,7 +245,7 @@ def _stamp(paths):
 class CamusClips(Dataset):
     "CAMUS (or phantom) clips: items dict(video (3,T,S,S) float32, labels (T,S,S) int64, valid, frame_idx, patient, view)."
     def __init__(self, root, split='train', views=VIEWS, img_size=224, num_frames=16, frame_step=4,
-                 label_fraction=1.0, mode='train', seed=0, cache=True, cache_dir=None, patients=None):
+                 label_fraction=1.0, mode='train', seed=0, cache=True, cache_dir=None, patients=None, augment=True):
         views = (views,) if isinstance(views, str) else tuple(views)
         bad = [v for v in views if v not in VIEWS]
         if bad or not views: raise ValueError(f"unknown view(s) {bad or views}; expected some of {VIEWS}")
@@ -220,6 +255,7 @@ class CamusClips(Dataset):
         self.root = find_camus_root(root)
         self.split, self.views, self.img_size, self.mode = split, views, int(img_size), mode
         self.num_frames, self.frame_step, self.cache = int(num_frames), int(frame_step), cache
+        self.augment = bool(augment) and mode == 'train'          # eval mode never augments
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         pts = camus_split(self.root, split, seed) if patients is None else sorted(patients)
         self.patients = label_fraction_patients(pts, label_fraction, seed) if label_fraction < 1 else pts
@@ -279,6 +315,9 @@ class CamusClips(Dataset):
             start = int(torch.randint(0, max_clip_start(q['n_frames'], self.num_frames, self.frame_step) + 1, ()))
             idx = clip_indices(q['n_frames'], self.num_frames, self.frame_step, start)
             valid = first_occurrence(idx)
-        return dict(video=normalise(video[idx]), labels=torch.from_numpy(labels[idx].astype(np.int64)),
+        frames, labs = torch.from_numpy(video[idx]), torch.from_numpy(labels[idx])
+        if self.augment:
+            frames, labs, _ = augment_clip(frames, labs, self.img_size)
+        return dict(video=normalise(frames), labels=labs.long(),
                     valid=torch.from_numpy(np.asarray(valid, bool)), frame_idx=torch.from_numpy(idx),
                     patient=q['patient'], view=q['view'])

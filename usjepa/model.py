@@ -5,10 +5,10 @@
 # %% auto #0
 __all__ = ['MODEL_SIZES', 'sincos_1d', 'sincos_pos_embed_3d', 'resize_pos_embed', 'apply_masks', 'PatchEmbed3D', 'run_blocks',
            'VisionTransformer', 'build_encoder', 'vit_tiny', 'vit_small', 'vit_base', 'vit_large', 'vit_huge',
-           'Predictor', 'build_predictor', 'load_checkpoint', 'save_checkpoint']
+           'Predictor', 'build_predictor', 'open_checkpoint', 'check_checkpoint', 'load_checkpoint', 'save_checkpoint']
 
 # %% ../nbs/04_model.ipynb #45299401
-import math, os, tempfile
+import math, os, tempfile, zipfile
 from functools import partial
 from pathlib import Path
 
@@ -218,46 +218,107 @@ def _strip(state):
     "Remove DDP/wrapper prefixes (`module.`, `backbone.`) from state-dict keys."
     out = {}
     for k, v in state.items():
-        while k.startswith(_PREFIXES): k = k[len('module.'):] if k.startswith('module.') else k[len('backbone.'):]
+        while k.startswith(_PREFIXES):
+            k = k[len('module.'):] if k.startswith('module.') else k[len('backbone.'):]
         out[k] = v
     return out
 
-def _load_into(module, state, strict):
-    "Load `state` into `module`, keeping what fits; report missing / unexpected / mis-shaped keys."
-    own = module.state_dict()
-    state = _strip(state)
-    fitting, mismatched, recomputed = {}, [], []
+def open_checkpoint(path) -> dict:
+    "The dict in checkpoint file `path`, read with `weights_only=True` (memory-mapped when the file is zip-format); errors name the file."
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if not path.is_file():
+        raise ValueError(f"checkpoint path {path} is not a file")
+    mmap = zipfile.is_zipfile(path)               # torch.save's format since 1.6; older files cannot be mapped
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot read as a PyTorch checkpoint ({type(e).__name__}: {str(e)[:200]}); "
+                         f"not a torch.save file, truncated, or holding more than tensors and plain values?") from e
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path} does not hold a dict but a {type(ckpt).__name__}")
+    if not ckpt:
+        raise ValueError(f"{path} holds an empty dict")
+    return ckpt
+
+def _shapes(target):
+    "Name -> shape of a module's state dict, or of a given {name: tensor or shape} mapping."
+    state = target.state_dict() if isinstance(target, nn.Module) else target
+    return {k: tuple(v.shape) if hasattr(v, 'shape') else tuple(v) for k, v in state.items()}
+
+def _first(items, n=3):
+    return ', '.join(str(i) for i in items[:n]) + (', ...' if len(items) > n else '')
+
+def _fit(own, state, what, source, path, partial, strict):
+    "Compare `state` with the shapes `own`; refuse what does not fit unless `partial`; the report and the fitting keys."
+    fitting, mismatched, recomputed = [], [], []
     for k, v in state.items():
-        if k in own and own[k].shape != v.shape:
-            if k in _FIXED: recomputed.append(k)
-            else: mismatched.append((k, tuple(v.shape), tuple(own[k].shape)))
-        elif k in own: fitting[k] = v
+        if k not in own:
+            continue
+        if own[k] != tuple(v.shape):
+            if k in _FIXED:
+                recomputed.append(k)
+            else:
+                mismatched.append((k, tuple(v.shape), own[k]))
+        else:
+            fitting.append(k)
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    if strict and (missing or unexpected or mismatched):
-        raise ValueError(f"checkpoint does not fit {type(module).__name__}: missing {missing}, unexpected {unexpected}, "
-                         f"mis-shaped {mismatched}")
-    module.load_state_dict(fitting, strict=False)
-    return dict(missing=missing, unexpected=unexpected, mismatched=mismatched, recomputed=recomputed, loaded=len(fitting))
+    report = dict(missing=missing, unexpected=unexpected, mismatched=mismatched, recomputed=recomputed, loaded=len(fitting))
+    refuse = (not fitting) or (not partial and (missing or mismatched)) or (strict and unexpected)
+    if refuse:
+        raise ValueError(
+            f"{path}: entry {source or '(bare state dict)'!r} does not fit the {what} ({len(own)} tensors, {len(fitting)} fit): "
+            f"{len(missing)} missing [{_first(missing)}], "
+            f"{len(mismatched)} mis-shaped [{_first([f'{k} file {a} vs model {b}' for k, a, b in mismatched])}], "
+            f"{len(unexpected)} unexpected [{_first(unexpected)}]"
+            + ("" if partial or not fitting else "; pass partial=True to load only what fits"))
+    return report, fitting
 
-def load_checkpoint(path, encoder=None, predictor=None, which='target_encoder', strict=False):
-    "Load a V-JEPA checkpoint file into `encoder` / `predictor`; returns a report of what (did not) fit."
-    path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"checkpoint file not found: {path}")
-    if which not in ('target_encoder', 'encoder'): raise ValueError(f"which must be 'target_encoder' or 'encoder', got {which!r}")
-    ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    if not isinstance(ckpt, dict): raise ValueError(f"{path} does not hold a dict but a {type(ckpt).__name__}")
-    report = dict(path=str(path), epoch=ckpt.get('epoch'))
+def _encoder_entry(ckpt, which, path):
+    "The key of the encoder state dict to use (None: the file is a bare state dict)."
+    if which not in ('target_encoder', 'encoder'):
+        raise ValueError(f"which must be 'target_encoder' or 'encoder', got {which!r}")
+    if which in ckpt:
+        return which
+    if 'encoder' in ckpt or 'target_encoder' in ckpt:
+        return 'encoder' if 'encoder' in ckpt else 'target_encoder'
+    if all(torch.is_tensor(v) for v in ckpt.values()):
+        return None
+    raise ValueError(f"{path} has no 'encoder' or 'target_encoder' entry (keys: {sorted(ckpt)[:10]})")
+
+def _plan(ckpt, path, encoder, predictor, which, partial, strict):
+    "Per part: (module or shapes, stripped state, report, fitting keys); raises when a part does not fit."
+    if partial and strict:
+        raise ValueError("partial=True and strict=True contradict each other")
+    parts = {}
     if encoder is not None:
-        if which in ckpt: source = which
-        elif 'encoder' in ckpt or 'target_encoder' in ckpt: source = 'encoder' if 'encoder' in ckpt else 'target_encoder'
-        elif all(torch.is_tensor(v) for v in ckpt.values()): source = None   # a bare encoder state dict
-        else: raise ValueError(f"{path} has no 'encoder' or 'target_encoder' entry (keys: {sorted(ckpt)})")
-        report['encoder'] = dict(source=source, **_load_into(encoder, ckpt[source] if source else ckpt, strict))
+        source = _encoder_entry(ckpt, which, path)
+        state = _strip(ckpt[source] if source else ckpt)
+        report, fitting = _fit(_shapes(encoder), state, 'encoder', source, path, partial, strict)
+        parts['encoder'] = (encoder, state, dict(source=source, **report), fitting)
     if predictor is not None:
-        if 'predictor' not in ckpt: raise ValueError(f"{path} has no 'predictor' entry (keys: {sorted(ckpt)})")
-        report['predictor'] = dict(source='predictor', **_load_into(predictor, ckpt['predictor'], strict))
-    return report
+        if 'predictor' not in ckpt:
+            raise ValueError(f"{path} has no 'predictor' entry (keys: {sorted(ckpt)[:10]})")
+        state = _strip(ckpt['predictor'])
+        report, fitting = _fit(_shapes(predictor), state, 'predictor', 'predictor', path, partial, strict)
+        parts['predictor'] = (predictor, state, dict(source='predictor', **report), fitting)
+    return parts
+
+def check_checkpoint(path, encoder=None, predictor=None, which='target_encoder', partial=False, strict=False) -> dict:
+    "Everything `load_checkpoint` checks, without loading: `encoder`/`predictor` may be modules (also on the meta device) or {name: shape}."
+    ckpt = open_checkpoint(path)
+    parts = _plan(ckpt, path, encoder, predictor, which, partial, strict)
+    return dict(path=str(path), epoch=ckpt.get('epoch'), **{k: v[2] for k, v in parts.items()})
+
+def load_checkpoint(path, encoder=None, predictor=None, which='target_encoder', strict=False, partial=False) -> dict:
+    "Load a V-JEPA checkpoint file into `encoder` / `predictor`; refuses one that does not fit (unless `partial`); returns the report."
+    ckpt = open_checkpoint(path)
+    parts = _plan(ckpt, path, encoder, predictor, which, partial, strict)   # all parts checked before any is loaded
+    for module, state, _, fitting in parts.values():
+        module.load_state_dict({k: state[k] for k in fitting}, strict=False)
+    return dict(path=str(path), epoch=ckpt.get('epoch'), **{k: v[2] for k, v in parts.items()})
 
 # %% ../nbs/04_model.ipynb #943e90b3
 def _to_state(obj):
