@@ -261,12 +261,14 @@ def probe_epoch(head, data, opt, *, lr_at=None, step=0, encoder=None, device=Non
             logits = head(feats)
         valid = b['valid'].to(device) if 'valid' in b else None
         loss = seg_loss(logits.float(), b['labels'].to(device), valid)
+        value = loss.item()
+        if not math.isfinite(value): raise FloatingPointError(f"non-finite probe loss {value} at step {step}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         lrs.append(opt.param_groups[0]['lr'])
         step += 1
-        tot += loss.item() * len(feats)
+        tot += value * len(feats)
         n += len(feats)
     return dict(loss=tot / max(n, 1), lr=lrs, step=step)
 
@@ -288,8 +290,9 @@ def train_probe(head, data, epochs=20, lr=1e-3, final_lr=0.0, weight_decay=0.01,
     for epoch in bar:
         gen = epoch_generator(epoch) if epoch_generator is not None else generator
         dl = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, generator=gen, num_workers=num_workers)
-        r = probe_epoch(forward or head, dl, opt, lr_at=lambda s: cosine(s, total, lr, final_lr), step=epoch * n_batches,
-                        encoder=encoder, device=device, amp_dtype=amp_dtype)
+        try: r = probe_epoch(forward or head, dl, opt, lr_at=lambda s: cosine(s, total, lr, final_lr),
+                             step=epoch * n_batches, encoder=encoder, device=device, amp_dtype=amp_dtype)
+        except FloatingPointError as e: raise FloatingPointError(f"probe diverged in epoch {epoch}: {e}") from None
         hist['loss'].append(r['loss'])
         hist['lr'] += r['lr']
         bar.set_postfix(loss=f"{r['loss']:.4f}")
