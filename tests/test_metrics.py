@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from scipy import ndimage, stats
-from usjepa.metrics import (METRICS, PAPER_NAMES, STRUCTURES, SegMetrics, agreement, contour, contour_distances,
-                            ef_summary, ef_table, frame_counts, frame_distances, frame_scores, load_metrics,
-                            native_labels, paired_test, plot_ef, results_table, scores_from_counts)
+from usjepa.metrics import (METRICS, PAPER_NAMES, STRUCTURES, agreement, contour, contour_distances,
+                            ef_summary, ef_table, frame_counts, frame_distances, frame_scores,
+                            native_labels, plot_ef, scores_from_counts)
+from usjepa.scores import SegMetrics, load_metrics, paired_test, results_table
 
 
 def brute(pred, target, labels):
