@@ -25,7 +25,8 @@ from .masking import vjepa_masks
 from .model import build_encoder, build_predictor, load_checkpoint, save_checkpoint
 from .vjepa import VJEPA, pretrain_step, schedule_at, param_groups, STEP_STATS
 from .localization import LocalizationLoss
-from .metrics import SegMetrics, ef_table, plot_ef
+from .metrics import ef_table, plot_ef
+from .scores import SegMetrics
 from .viz import show_frames
 from .probe import SegmentationHead, FeatureCache, freeze_encoder, predict, train_probe, evaluate
 from .config import RunConfig, validate, load_config, prepare_run_dir

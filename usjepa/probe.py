@@ -14,7 +14,8 @@ from einops import rearrange
 from timm.layers import Mlp, trunc_normal_
 from timm.models.vision_transformer import Block
 from tqdm.auto import tqdm
-from .metrics import SegMetrics, native_labels
+from .metrics import native_labels
+from .scores import SegMetrics
 from .core import save_torch
 from .model import sincos_pos_embed_3d
 from .vjepa import cosine
