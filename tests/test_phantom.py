@@ -118,3 +118,23 @@ def test_never_overwrites_foreign_data(tmp_path):
     with pytest.raises(FileExistsError, match='did not write'):
         write_camus_phantom(tmp_path / 'real', n_patients=2, size=(40, 40), progress=False)
     assert (foreign / 'Info_2CH.cfg').read_text() == 'ED: 1\n'
+
+
+def _ellipse(a, c, sp):
+    H, W = int(2 * c / sp[0]) + 10, int(2 * a / sp[1]) + 10
+    Y, X = np.mgrid[0:H, 0:W]
+    return (((X - W / 2 + 0.5) * sp[1] / a) ** 2 + ((Y - H / 2 + 0.5) * sp[0] / c) ** 2) < 1
+
+
+def test_biplane_volume_ellipsoid_and_edge_cases():
+    from usjepa.phantom import biplane_volume, ejection_fraction
+    a, b, c = 18.0, 24.0, 42.0                                         # mm; prolate, long axis vertical
+    v = biplane_volume(_ellipse(a, c, (0.3, 0.3)), _ellipse(b, c, (0.25, 0.3)), (0.3, 0.3), (0.25, 0.3))
+    assert abs(v / (4 / 3 * np.pi * a * b * c / 1000) - 1) < 0.02
+    tilted = np.rot90(_ellipse(a, c, (0.3, 0.3)).astype(np.uint8))    # axis found from the pixels, not assumed vertical
+    assert abs(biplane_volume(tilted, _ellipse(b, c, (0.3, 0.3)), (0.3, 0.3), (0.3, 0.3)) / (4 / 3 * np.pi * a * b * c / 1000) - 1) < 0.02
+    m2 = np.zeros((12, 8), bool); m2[1:11, 2:6] = True
+    m4 = np.zeros((12, 8), bool); m4[1:11, 1:7] = True
+    assert np.isclose(biplane_volume(m2, m4, (1, 1), (1, 1), n_discs=5), np.pi / 4 * 4 * 6 * 10 / 1000)
+    assert np.isnan(biplane_volume(m2, np.zeros_like(m4), (1, 1), (1, 1)))
+    assert ejection_fraction(100.0, 35.0) == 65.0 and np.isnan(ejection_fraction(0, 0))

@@ -10,7 +10,8 @@ import numpy as np
 from scipy import ndimage
 
 # %% auto #0
-__all__ = ['VIEW_IDS', 'PHANTOM_VERSION', 'make_sequence', 'write_nifti_sequence', 'write_camus_phantom']
+__all__ = ['VIEW_IDS', 'PHANTOM_VERSION', 'make_sequence', 'biplane_volume', 'ejection_fraction', 'write_nifti_sequence',
+           'write_camus_phantom']
 
 # %% ../nbs/01_phantom.ipynb #98aa62ed
 VIEW_IDS = {'2CH': 1, '4CH': 2}
@@ -248,6 +249,47 @@ def make_sequence(seed, view='4CH', n_frames=None, size=(256, 256)):
                 spacing=(spacing, spacing), fan=dict(origin=(oy, ox), half_angle=float(vp['half_angle']), depth=float(vp['depth'])),
                 artefacts=dict(shadow=vp['shadow'], dropout=vp['dropout'], haze=vp['haze']))
     return dict(video=video, labels=labels, info=info)
+
+# %% ../nbs/01_phantom.ipynb #6134fe3d
+def _disc_diameters(mask, spacing, n_discs, sub=3):
+    "Long-axis length (mm) and `n_discs` diameters (mm) of one view's cavity mask (apex at the top)."
+    m = np.asarray(mask).astype(bool)
+    if m.ndim != 2: raise ValueError(f"a cavity mask must be 2-D (H, W); got shape {m.shape}")
+    sy, sx = float(spacing[0]), float(spacing[1])
+    if not (sy > 0 and sx > 0): raise ValueError(f"pixel spacing must be positive (row_mm, col_mm); got {spacing}")
+    r, c = np.nonzero(m)
+    if len(r) == 0: return np.nan, None
+    off = (np.arange(sub) + 0.5) / sub - 0.5                       # each pixel as sub x sub points
+    oy, ox = [o.ravel()[None] for o in np.meshgrid(off, off, indexing='ij')]
+    y, x = ((r[:, None] + oy) * sy).ravel(), ((c[:, None] + ox) * sx).ravel()
+    cy, cx = y.mean(), x.mean()
+    cov = np.cov(np.stack([y - cy, x - cx])) if len(y) > 1 else np.eye(2)
+    ev, evec = np.linalg.eigh(cov)
+    e = evec[:, -1]                                                # principal (long) axis, (row, col)
+    if e[0] < 0 or (e[0] == 0 and e[1] < 0): e = -e                # from the apex (top) towards the base
+    t = (y - cy) * e[0] + (x - cx) * e[1]
+    foot = (abs(e[0]) * sy + abs(e[1]) * sx) / sub                 # a sub-point's extent along the axis
+    t0, L = t.min() - foot / 2, t.max() - t.min() + foot
+    h = L / n_discs
+    area = np.bincount(np.clip(((t - t0) / h).astype(int), 0, n_discs - 1), minlength=n_discs) * (sy * sx / sub ** 2)
+    return L, area / h                                             # slab area / slab thickness = width
+
+def biplane_volume(mask_2ch, mask_4ch, spacing_2ch, spacing_4ch, n_discs=20):
+    """LV volume (ml) by the biplane method of discs (Simpson's rule) from the LV cavity masks of the
+    apical 2CH and 4CH views (bool or 0/1 arrays (H, W), apex at the top) and their pixel spacings
+    (row_mm, col_mm). NaN when either mask is empty."""
+    n_discs = int(n_discs)
+    if n_discs < 1: raise ValueError(f"n_discs={n_discs}: need at least 1")
+    L2, a = _disc_diameters(mask_2ch, spacing_2ch, n_discs)
+    L4, b = _disc_diameters(mask_4ch, spacing_4ch, n_discs)
+    if a is None or b is None: return float('nan')
+    L = max(L2, L4)
+    return float(np.pi / 4 * (a * b).sum() * L / n_discs / 1000.0)   # mm^3 -> ml
+
+def ejection_fraction(edv, esv):
+    "Ejection fraction in percent, 100 (EDV - ESV) / EDV, as CAMUS's Info_*.cfg `EF`; NaN unless EDV > 0."
+    edv, esv = float(edv), float(esv)
+    return 100.0 * (edv - esv) / edv if edv > 0 else float('nan')
 
 # %% ../nbs/01_phantom.ipynb #43973c1a
 def _save_nifti(path, arr_fhw, spacing):
