@@ -138,3 +138,39 @@ def test_biplane_volume_ellipsoid_and_edge_cases():
     assert np.isclose(biplane_volume(m2, m4, (1, 1), (1, 1), n_discs=5), np.pi / 4 * 4 * 6 * 10 / 1000)
     assert np.isnan(biplane_volume(m2, np.zeros_like(m4), (1, 1), (1, 1)))
     assert ejection_fraction(100.0, 35.0) == 65.0 and np.isnan(ejection_fraction(0, 0))
+
+
+def _cfg(path): return dict(l.split(': ', 1) for l in path.read_text().splitlines())
+
+
+def test_cfg_ef_measured_by_biplane_from_the_written_masks(tmp_path):
+    import nibabel as nib
+    from usjepa.phantom import biplane_volume, ejection_fraction
+    root = write_camus_phantom(tmp_path / 'c', n_patients=2, size=64, progress=False)   # an int size: square
+    pdir = root / 'database_nifti' / 'patient0001'
+    cfgs = {v: _cfg(pdir / f'Info_{v}.cfg') for v in ('2CH', '4CH')}
+    assert cfgs['2CH']['EF'] == cfgs['4CH']['EF']                       # one heart, one EF
+    def cavity(v, key):                                                 # independent reading of the files
+        img = nib.load(str(pdir / f'patient0001_{v}_{key}_gt.nii.gz'))
+        sx, sy = img.header.get_zooms()[:2]
+        return np.asarray(img.dataobj).T == 1, (float(sy), float(sx))
+    vol = {k: biplane_volume(*[cavity(v, k)[0] for v in ('2CH', '4CH')], *[cavity(v, k)[1] for v in ('2CH', '4CH')])
+           for k in ('ED', 'ES')}
+    assert abs(float(cfgs['2CH']['EF']) - ejection_fraction(vol['ED'], vol['ES'])) < 0.06
+    assert 15 < float(cfgs['2CH']['EF']) < 85
+    assert nib.load(str(pdir / 'patient0001_2CH_ED.nii.gz')).shape == (64, 64)
+
+
+def test_size_forms(tmp_path):
+    assert make_sequence(0, '2CH', n_frames=2, size=40)['video'].shape == (2, 40, 40)
+    with pytest.raises(ValueError, match=r'int \(square'): write_camus_phantom(tmp_path / 'x', size=(1, 2, 3))
+    with pytest.raises(ValueError, match=r'int \(square'): make_sequence(0, '2CH', size=None)
+
+
+def test_torn_manifest_named(tmp_path):
+    root = write_camus_phantom(tmp_path / 'c', n_patients=1, size=40, views=('2CH',), progress=False)
+    assert not [p for p in root.iterdir() if p.name.endswith('.tmp.json')]   # no temporary left behind
+    for torn in ('', '{"generator": "usjepa.ph'):
+        (root / 'phantom.json').write_text(torn)
+        with pytest.raises(ValueError, match='phantom.json.*torn'):
+            write_camus_phantom(root, n_patients=1, size=40, views=('2CH',), progress=False)

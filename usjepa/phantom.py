@@ -11,7 +11,7 @@ from scipy import ndimage
 
 # %% auto #0
 __all__ = ['VIEW_IDS', 'PHANTOM_VERSION', 'make_sequence', 'biplane_volume', 'ejection_fraction', 'write_nifti_sequence',
-           'write_camus_phantom']
+           'make_patient', 'write_camus_phantom']
 
 # %% ../nbs/01_phantom.ipynb #98aa62ed
 VIEW_IDS = {'2CH': 1, '4CH': 2}
@@ -186,10 +186,19 @@ def _fit_in_fan(pp, vp, X, Y, view, ox, oy, margin_deg=3.0):
     vp['apex_x'] += dx; vp['apex_y'] += dy
 
 # %% ../nbs/01_phantom.ipynb #597cd8bf
+def _size(size):
+    "An int (a square image) or a pair (H, W) -> (H, W) ints."
+    if isinstance(size, (int, np.integer)): return int(size), int(size)
+    try:
+        h, w = size
+        return int(h), int(w)
+    except (TypeError, ValueError):
+        raise ValueError(f"size must be an int (square images) or a pair (H, W) of ints; got {size!r}") from None
+
 def make_sequence(seed, view='4CH', n_frames=None, size=(256, 256)):
     "One synthetic apical half sequence: dict(video uint8 (F,H,W), labels uint8 (F,H,W), info dict)."
     if view not in VIEW_IDS: raise ValueError(f"unknown view {view!r}; expected one of {tuple(VIEW_IDS)}")
-    H, W = int(size[0]), int(size[1])
+    H, W = _size(size)
     if H < 32 or W < 32: raise ValueError(f"size {size} too small; need at least 32x32 pixels")
     if n_frames is not None and int(n_frames) < 2: raise ValueError(f"n_frames={n_frames}: need at least 2 frames")
     pp = _patient_params(seed)
@@ -230,7 +239,7 @@ def make_sequence(seed, view='4CH', n_frames=None, size=(256, 256)):
     A += (0.06 * near * clut)[None] * rng.uniform(0.5, 1.5)
     if vp['haze']:
         hz = np.clip(_smooth_noise(rng, (H, W), 14 * sc) + 0.8, 0, None) * np.exp(-r / (0.45 * H))
-        on = np.zeros(F); i0 = int(rng.integers(0, F)); on[i0:i0 + int(rng.integers(3, F + 1))] = 1
+        on = np.zeros(F); i0 = int(rng.integers(0, F)); on[i0:i0 + int(rng.integers(min(3, F), F + 1))] = 1
         on = ndimage.gaussian_filter1d(on, 1.5) * rng.uniform(0.08, 0.2) + 0.03
         A += hz[None] * on[:, None, None] * _speckle(rng, F, H, W, (1.5 * sc, 3 * sc), 0.6)
     A *= (np.exp(-vp['atten'] * r / H) * (1 + vp['tgc'] * r / H))[None]
@@ -322,24 +331,52 @@ def write_nifti_sequence(patient_dir, view, video, labels, info):
     (patient_dir / f"Info_{view}.cfg").write_text(''.join(f"{k}: {cfg[k]}\n" for k in keys if k in cfg))
 
 # %% ../nbs/01_phantom.ipynb #6d12f11f
-PHANTOM_VERSION = 1
+PHANTOM_VERSION = 2
 
 def _patient_seed(seed, i): return int(seed) * 1_000_003 + int(i)
 
+def make_patient(seed, views=('2CH', '4CH'), n_frames=None, size=(256, 256)):
+    """Both views of one patient (one heart): {view: make_sequence(...)}, with `info['EF']` replaced by the
+    ejection fraction *measured* on the generated ED/ES cavity masks by `biplane_volume` (percent) -- the
+    same value in every view. With only one view, the single-plane method (circular discs: the view's
+    mask in both places) is used. `info['EDV']`, `info['ESV']` (ml) hold the volumes."""
+    seqs = {v: make_sequence(seed, v, n_frames=n_frames, size=size) for v in views}
+    def masks(key):
+        out = {v: (s['labels'][s['info'][key] - 1] == 1, s['info']['spacing']) for v, s in seqs.items()}
+        m2, m4 = out.get('2CH', out.get('4CH')), out.get('4CH', out.get('2CH'))
+        return biplane_volume(m2[0], m4[0], m2[1], m4[1])
+    edv, esv = masks('ED'), masks('ES')
+    ef = ejection_fraction(edv, esv)
+    for s in seqs.values():
+        s['info'].update(EF=round(ef, 1), EDV=round(edv, 2), ESV=round(esv, 2))
+    return seqs
+
+def _read_manifest(mpath):
+    try: return json.loads(Path(mpath).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{mpath}: cannot parse the phantom manifest ({type(e).__name__}: {e}); the file is empty or "
+                         f"torn (an interrupted write?) -- delete {mpath} (and the data set beside it) and run again") from e
+
+def _write_manifest(mpath, d):
+    from usjepa.data import atomic_write          # (moves to usjepa.core)
+    with atomic_write(mpath) as tmp: Path(tmp).write_text(json.dumps(d, indent=1))
+
 def write_camus_phantom(root, n_patients=60, seed=0, size=(256, 256), views=('2CH', '4CH'), progress=True):
-    "Write a synthetic data set in the CAMUS 2023 on-disk layout under `root`; returns `root` (a Path)."
+    """Write a synthetic data set in the CAMUS 2023 on-disk layout under `root`; returns `root` (a Path).
+    `size` is an int (square) or (H, W). Each cfg's `EF` is measured by `biplane_volume` on the patient's
+    own ED/ES masks (see `make_patient`)."""
     from tqdm.auto import tqdm
     root = Path(root)
     views = tuple(views)
     bad = [v for v in views if v not in VIEW_IDS]
     if bad or not views: raise ValueError(f"unknown view(s) {bad or views}; expected some of {tuple(VIEW_IDS)}")
     if int(n_patients) < 1: raise ValueError(f"n_patients={n_patients}: need at least 1")
-    size = (int(size[0]), int(size[1]))
+    size = _size(size)
     manifest = dict(generator='usjepa.phantom', version=PHANTOM_VERSION, n_patients=int(n_patients),
                     seed=int(seed), size=list(size), views=list(views))
     mpath, db, split_dir = root / 'phantom.json', root / 'database_nifti', root / 'database_split'
     if mpath.exists():
-        old = json.loads(mpath.read_text())
+        old = _read_manifest(mpath)
         if {k: old.get(k) for k in manifest} != manifest:
             raise FileExistsError(f"{root} already holds a different phantom data set ({mpath}: {old}); "
                                   f"refusing to overwrite it -- choose another folder or delete it")
@@ -348,15 +385,14 @@ def write_camus_phantom(root, n_patients=60, seed=0, size=(256, 256), views=('2C
         raise FileExistsError(f"{root} already holds a CAMUS-style data set that this generator did not write "
                               f"(no {mpath.name}); refusing to overwrite it")
     root.mkdir(parents=True, exist_ok=True); db.mkdir(exist_ok=True)
-    mpath.write_text(json.dumps({**manifest, 'complete': False}, indent=1))
+    _write_manifest(mpath, {**manifest, 'complete': False})
     ids = [f"patient{i:04d}" for i in range(1, int(n_patients) + 1)]
     for i, pid in enumerate(tqdm(ids, disable=not progress, desc='phantom'), start=1):
         final = db / pid
         if final.exists(): continue                              # written by an interrupted earlier call
         tmp = db / f"{pid}.tmp"
         if tmp.exists(): shutil.rmtree(tmp)
-        for view in views:
-            s = make_sequence(_patient_seed(seed, i), view, size=size)
+        for view, s in make_patient(_patient_seed(seed, i), views, size=size).items():
             write_nifti_sequence(tmp, view, s['video'], s['labels'], s['info'])
         os.replace(tmp, final)
     # splits: 80 / 10 / 10 by patient, seeded (at least one validation and one test patient when possible)
@@ -366,5 +402,5 @@ def write_camus_phantom(root, n_patients=60, seed=0, size=(256, 256), views=('2C
     split_dir.mkdir(exist_ok=True)
     for name, pids in parts.items():
         (split_dir / f"subgroup_{name}.txt").write_text(''.join(p + '\n' for p in sorted(pids)))
-    mpath.write_text(json.dumps({**manifest, 'complete': True}, indent=1))
+    _write_manifest(mpath, {**manifest, 'complete': True})
     return root
