@@ -38,7 +38,7 @@ class PhantomParams:
     clutter: tuple = (0.2, 2.0)             # apical near-field clutter amplitude, relative to tissue (Good .. Poor)
     reverb: tuple = (0.0, 0.5)              # reverberation ghost amplitude (Good .. Poor)
     noise: tuple = (0.004, 0.03)            # electronic noise floor (Good .. Poor)
-    speckle_rho: tuple = (0.75, 0.95)       # frame-to-frame correlation of the tissue speckle (moves with the tissue)
+    speckle_rho: tuple = (0.85, 0.97)       # frame-to-frame correlation of the tissue speckle (moves with the tissue)
     # motion
     wobble: float = 0.12                    # amplitude of the non-monotone part of the phase curve
     hypokinesis: float = 0.5                # share of hearts with a hypokinetic wall region
@@ -188,6 +188,9 @@ def _anatomy(pp, vp, ph, X, Y, view, drop=None, shift=(0.0, 0.0)):
     v0 = v * (1 + (k - 1) * np.exp(-(v / (a + 1.5 * thick)) ** 2) * np.exp(-np.clip(u0 - 1.2 * L / s, 0, None) ** 2 / (0.2 * L) ** 2))
     x0 = vp['apex_x'] + u0 * np.sin(g) + v0 * np.cos(g)
     y0 = vp['apex_y'] + u0 * np.cos(g) - v0 * np.sin(g)
+    # the heart slides inside the pericardium: tissue outside it only follows the whole-heart translation
+    inside = ndimage.binary_dilation(epi | la, iterations=max(1, int(round(1.5 * mm))))
+    x0, y0 = np.where(inside, x0, X - shift[0]), np.where(inside, y0, Y - shift[1])
     # --- echogenicity (mean backscatter) ---
     tex = ndimage.map_coordinates(vp['tex'], [y0, x0], order=1, mode='reflect')
     E = vp['tissue'] * (1 + 0.4 * tex)                              # tissue texture, carried by the motion
@@ -345,8 +348,8 @@ def make_sequence(seed, view='4CH', n_frames=None, size=(256, 256), params: Phan
     p_on = np.clip(vp['drop'] * np.where(side > 0, 1.5, 0.6), 0, 0.95)
     depth_d = rng.uniform(*P.dropout_depth, len(_SEG_PHI))
     on = np.zeros((F, len(_SEG_PHI)), bool); on[0] = rng.random(len(_SEG_PHI)) < p_on
-    for f in range(1, F):                                             # stays on/off with probability 0.6
-        on[f] = np.where(rng.random(len(_SEG_PHI)) < 0.6, on[f - 1], rng.random(len(_SEG_PHI)) < p_on)
+    for f in range(1, F):                                             # keeps its state with probability 0.2: intermittent
+        on[f] = np.where(rng.random(len(_SEG_PHI)) < 0.2, on[f - 1], rng.random(len(_SEG_PHI)) < p_on)
     drops = on * depth_d
     labels = np.empty((F, H, W), np.uint8); E = np.empty((F, H, W), np.float32); blood = np.empty((F, H, W), bool)
     coords = []
