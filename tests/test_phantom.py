@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from usjepa.phantom import make_sequence, write_camus_phantom
+from usjepa.phantom import make_sequence, write_camus_phantom, PhantomParams
 
 
 def rows_of(mask): return np.nonzero(mask.any(1))[0]
@@ -32,7 +32,7 @@ def test_sequence_anatomy(seed, view):
     ed = lab[info['ED'] - 1]
     r1, r2, r3 = rows_of(ed == 1), rows_of(ed == 2), rows_of(ed == 3)
     assert r2.min() <= r1.min() < r3.min() and r1.mean() < r3.mean()   # apex at the top, wall around it, LA below
-    assert 0.3 <= (r1.max() - r1.min() + 1) / 128 <= 0.6               # LV cavity ~35-50 % of the height
+    assert 0.3 <= (r1.max() - r1.min() + 1) / 128 <= 0.7               # LV cavity ~35-65 % of the height (depth varies)
     # the myocardium surrounds the cavity except at the base: dilating the cavity hits mostly wall or atrium
     ring = ndimage.binary_dilation(ed == 1, iterations=2) & (ed != 1)
     assert np.isin(ed[ring], (2, 3)).mean() > 0.9
@@ -48,8 +48,8 @@ def test_cardiac_cycle():
         assert a(1, es) < 0.85 * a(1, ed)                              # the cavity empties
         assert a(3, es) > a(3, ed)                                     # the atrium fills
         area = [a(1, f) for f in range(len(s['labels']))]
-        d = np.diff(area) if ed == 0 else -np.diff(area)
-        assert (d <= 0.01 * max(area)).all()                           # monotone from ED to ES (up to pixels)
+        assert area[ed] >= 0.98 * max(area) and area[es] <= 1.02 * min(area)   # ED the largest, ES the smallest (the
+                                                                       # phase wobbles in between: not always monotone)
 
 
 def test_some_sequences_reversed():
@@ -138,3 +138,89 @@ def test_biplane_volume_ellipsoid_and_edge_cases():
     assert np.isclose(biplane_volume(m2, m4, (1, 1), (1, 1), n_discs=5), np.pi / 4 * 4 * 6 * 10 / 1000)
     assert np.isnan(biplane_volume(m2, np.zeros_like(m4), (1, 1), (1, 1)))
     assert ejection_fraction(100.0, 35.0) == 65.0 and np.isnan(ejection_fraction(0, 0))
+
+
+def _cfg(path): return dict(l.split(': ', 1) for l in path.read_text().splitlines())
+
+
+def test_cfg_ef_measured_by_biplane_from_the_written_masks(tmp_path):
+    import nibabel as nib
+    from usjepa.phantom import biplane_volume, ejection_fraction
+    root = write_camus_phantom(tmp_path / 'c', n_patients=2, size=64, progress=False)   # an int size: square
+    pdir = root / 'database_nifti' / 'patient0001'
+    cfgs = {v: _cfg(pdir / f'Info_{v}.cfg') for v in ('2CH', '4CH')}
+    assert cfgs['2CH']['EF'] == cfgs['4CH']['EF']                       # one heart, one EF
+    def cavity(v, key):                                                 # independent reading of the files
+        img = nib.load(str(pdir / f'patient0001_{v}_{key}_gt.nii.gz'))
+        sx, sy = img.header.get_zooms()[:2]
+        return np.asarray(img.dataobj).T == 1, (float(sy), float(sx))
+    vol = {k: biplane_volume(*[cavity(v, k)[0] for v in ('2CH', '4CH')], *[cavity(v, k)[1] for v in ('2CH', '4CH')])
+           for k in ('ED', 'ES')}
+    assert abs(float(cfgs['2CH']['EF']) - ejection_fraction(vol['ED'], vol['ES'])) < 0.06
+    assert 15 < float(cfgs['2CH']['EF']) < 85
+    assert nib.load(str(pdir / 'patient0001_2CH_ED.nii.gz')).shape == (64, 64)
+
+
+def test_size_forms(tmp_path):
+    assert make_sequence(0, '2CH', n_frames=2, size=40)['video'].shape == (2, 40, 40)
+    with pytest.raises(ValueError, match=r'int \(square'): write_camus_phantom(tmp_path / 'x', size=(1, 2, 3))
+    with pytest.raises(ValueError, match=r'int \(square'): make_sequence(0, '2CH', size=None)
+
+
+def test_torn_manifest_named(tmp_path):
+    root = write_camus_phantom(tmp_path / 'c', n_patients=1, size=40, views=('2CH',), progress=False)
+    assert not [p for p in root.iterdir() if p.name.endswith('.tmp.json')]   # no temporary left behind
+    for torn in ('', '{"generator": "usjepa.ph'):
+        (root / 'phantom.json').write_text(torn)
+        with pytest.raises(ValueError, match='phantom.json.*torn'):
+            write_camus_phantom(root, n_patients=1, size=40, views=('2CH',), progress=False)
+
+
+def test_quality_labels_follow_the_realised_degradation():
+    infos = [make_sequence(s, v, n_frames=2, size=(48, 48))['info'] for s in range(40) for v in ('2CH', '4CH')]
+    q = [i['ImageQuality'] for i in infos]
+    assert {'Good', 'Medium', 'Poor'} <= set(q) and q.count('Poor') < q.count('Medium')
+    score = {g: np.mean([i['quality_score'] for i in infos if i['ImageQuality'] == g]) for g in ('Good', 'Medium', 'Poor')}
+    assert score['Good'] < score['Medium'] < score['Poor']
+    art = lambda g, k: np.mean([i['artefacts'][k] for i in infos if i['ImageQuality'] == g])
+    assert art('Good', 'myo_contrast') > art('Poor', 'myo_contrast') and art('Good', 'clutter') < art('Poor', 'clutter')
+    assert 0.15 < np.mean([i['artefacts']['la_cut'] for i in infos]) < 0.7     # the LA is cut in a share of views
+
+
+def test_knobs_change_the_images_and_poses_vary():
+    base = make_sequence(4, '4CH', n_frames=3, size=(64, 64))
+    calm = make_sequence(4, '4CH', n_frames=3, size=(64, 64), params=PhantomParams(tilt_deg=0, apex_shift=0))
+    assert not np.array_equal(base['labels'], calm['labels'])
+    hi = make_sequence(4, '4CH', n_frames=3, size=(64, 64), params=PhantomParams(myo_contrast=(3.0, 3.0)))
+    v, l = hi['video'].astype(float), hi['labels']
+    lo = make_sequence(4, '4CH', n_frames=3, size=(64, 64), params=PhantomParams(myo_contrast=(1.0, 1.0)))
+    assert v[l == 2].mean() > lo['video'][lo['labels'] == 2].mean() + 10
+    # pose and scale vary: LV centroid and size over patients
+    cen, size = [], []
+    for sd in range(12):
+        l0 = make_sequence(sd, '2CH', n_frames=2, size=(64, 64))['labels'][0]
+        yx = np.argwhere(l0 == 1); cen.append(yx.mean(0)); size.append(len(yx))
+    assert np.std(np.array(cen)[:, 1]) > 2 and max(size) > 1.6 * min(size)
+
+
+def test_speckle_moves_with_the_tissue():
+    "Tissue speckle is correlated from frame to frame after following the motion; blood speckle is not."
+    P = PhantomParams(translation_mm=0.0, wobble=0.0, hypokinesis=0.0, speckle_rho=(0.95, 0.95), clutter=(0, 0), reverb=(0, 0))
+    s = make_sequence(6, '2CH', n_frames=24, size=(128, 128), params=P)
+    v, l = s['video'].astype(float), s['labels']
+    t = len(v) // 2
+    def corr(mask):
+        a, b = v[t][mask], v[t + 1][mask]
+        return np.corrcoef(a, b)[0, 1]
+    still = (l[t] == l[t + 1])
+    assert corr(still & (l[t] == 1)) < 0.35                       # blood: new speckle every frame
+    outside = still & (l[t] == 0) & (v[t] > 0)
+    assert corr(outside) > 0.6                                    # tissue: the same speckle, moved a little
+
+
+def test_params_are_part_of_the_data_set(tmp_path):
+    root = write_camus_phantom(tmp_path / 'c', n_patients=1, size=40, views=('2CH',), progress=False,
+                               params=PhantomParams(la_cut=1.0))
+    assert json.loads((root / 'phantom.json').read_text())['params']['la_cut'] == 1.0
+    with pytest.raises(FileExistsError, match='different'):
+        write_camus_phantom(root, n_patients=1, size=40, views=('2CH',), progress=False)

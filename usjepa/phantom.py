@@ -4,63 +4,120 @@
 
 # %% ../nbs/01_phantom.ipynb #0e403136
 from __future__ import annotations
-import json, os, shutil, warnings
+import dataclasses, json, os, shutil, warnings
+from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+
 # %% auto #0
-__all__ = ['VIEW_IDS', 'PHANTOM_VERSION', 'make_sequence', 'biplane_volume', 'ejection_fraction', 'write_nifti_sequence',
-           'write_camus_phantom']
+__all__ = ['VIEW_IDS', 'PHANTOM_VERSION', 'PhantomParams', 'make_sequence', 'biplane_volume', 'ejection_fraction',
+           'write_nifti_sequence', 'make_patient', 'write_camus_phantom']
 
 # %% ../nbs/01_phantom.ipynb #98aa62ed
 VIEW_IDS = {'2CH': 1, '4CH': 2}
 
-def _patient_params(seed):
-    "Anatomy and function shared by both views of one patient (fractions of the image size)."
+@dataclass(frozen=True)
+class PhantomParams:
+    """The generator's realism knobs, with realistic defaults. A pair (lo, hi) is the range of a uniform draw
+    per patient or view; artefact strengths within their ranges follow each view's latent image quality."""
+    # pose and scale
+    tilt_deg: float = 20.0                  # long-axis tilt, uniform in +-tilt_deg (4CH: +4 deg)
+    apex_shift: float = 0.10                # lateral apex offset, fraction of the width, uniform +-
+    lv_len_mm: tuple = (62.0, 92.0)         # ED LV length, apex -> mitral plane
+    depth_ratio: tuple = (1.9, 2.7)         # imaging depth (= image height, mm) / ED LV length: rescales the anatomy and the spacing
+    half_angle_deg: tuple = (30.0, 44.0)    # sector half-angle
+    # tissue contrast
+    myo_contrast: tuple = (1.0, 1.9)        # myocardium / surrounding-tissue echogenicity (Poor .. Good)
+    blood: tuple = (0.02, 0.22)             # blood / tissue echogenicity (Good .. Poor): the endocardial contrast
+    epi_visibility: float = 0.4             # share of the epicardium lined by a bright pericardium (patchy)
+    # artefacts
+    dropout_rate: float = 0.25              # per frame and wall segment, chance of dropout (scaled 0.2x..1.8x by quality)
+    dropout_depth: tuple = (0.8, 0.98)      # share of the echogenicity lost in a dropped-out segment
+    clutter: tuple = (0.2, 2.0)             # apical near-field clutter amplitude, relative to tissue (Good .. Poor)
+    reverb: tuple = (0.0, 0.5)              # reverberation ghost amplitude (Good .. Poor)
+    noise: tuple = (0.004, 0.03)            # electronic noise floor (Good .. Poor)
+    speckle_rho: tuple = (0.85, 0.97)       # frame-to-frame correlation of the tissue speckle (moves with the tissue)
+    # motion
+    wobble: float = 0.12                    # amplitude of the non-monotone part of the phase curve
+    hypokinesis: float = 0.5                # share of hearts with a hypokinetic wall region
+    translation_mm: float = 4.0             # whole-heart translation amplitude over a sequence
+    la_cut: float = 0.3                     # share of views with the LA partly below the sector
+    quality_cuts: tuple = (0.35, 0.72)      # degradation score cut points: Good < lo <= Medium < hi <= Poor
+
+    def replace(self, **kw): return dataclasses.replace(self, **kw)
+
+def _u(rng, r): return float(rng.uniform(*r)) if isinstance(r, (tuple, list)) else float(r)
+def _lerp(r, z): return r[0] + (r[1] - r[0]) * z
+
+def _patient_params(seed, P=PhantomParams()):
+    "Anatomy and function shared by both views of one patient (lengths in mm)."
     rng = np.random.default_rng([seed, 0])
-    lv_len = rng.uniform(0.37, 0.47)                      # apex -> mitral plane at ED, fraction of H
+    lv_len = _u(rng, P.lv_len_mm)
     return dict(
-        lv_len=lv_len,
-        lv_width=lv_len * rng.uniform(0.50, 0.62),         # ED cavity width / H
+        lv_len=lv_len,                                     # apex -> mitral plane at ED, mm
+        lv_width=lv_len * rng.uniform(0.50, 0.64),         # ED cavity width, mm
         beta=rng.uniform(0.35, 0.55),                      # mitral plane below the ellipse equator, in semi-axes
-        wall=rng.uniform(0.065, 0.085),                    # ED wall thickness, fraction of W
-        ef=rng.uniform(0.35, 0.70),                        # ejection fraction drives the contraction
-        long_short=rng.uniform(0.08, 0.15),                # long-axis shortening ED -> ES
-        la_scale=rng.uniform(0.85, 1.15), la_fill=rng.uniform(0.10, 0.30),
-        harm=rng.normal(0, 0.035, (4, 2)),                 # endocardial shape harmonics k=2..5 (cos, sin)
-        wall_harm=rng.normal(0, 0.12, 2),                   # wall-thickness variation (k=1)
-        la_harm=rng.normal(0, 0.05, (3, 2)),
-        myo_tex=rng.normal(0, 0.25, (8, 2)),               # myocardial echogenicity along the wall
+        wall=rng.uniform(8.0, 12.0),                       # ED wall thickness, mm
+        ef=rng.uniform(0.30, 0.72),                        # nominal ejection fraction: drives the contraction
+        long_short=rng.uniform(0.06, 0.16),                # long-axis shortening ED -> ES
+        la_scale=rng.uniform(0.85, 1.2), la_fill=rng.uniform(0.10, 0.30),
+        harm=rng.normal(0, 0.04, (4, 2)),                  # endocardial shape harmonics k=2..5 (cos, sin)
+        wall_harm=rng.normal(0, 0.15, 2),                   # wall-thickness variation (k=1)
+        la_harm=rng.normal(0, 0.06, (3, 2)),
+        myo_tex=rng.normal(0, 0.3, (8, 2)),                # myocardial echogenicity along the wall
+        hypo=rng.random() < P.hypokinesis,                 # a hypokinetic region: where, how wide, how strong
+        hypo_phi=rng.uniform(-2.2, 2.2), hypo_kappa=rng.uniform(2, 6), hypo_amp=rng.uniform(0.4, 0.95),
         sex=str(rng.choice(['F', 'M'])), age=int(rng.integers(20, 95)),
-        depth_mm=rng.uniform(140, 175),                     # imaging depth -> pixel spacing
     )
 
-def _view_params(seed, view, n_frames, size):
+def _view_params(seed, view, n_frames, size, P=PhantomParams()):
+    "Pose, scanner settings, image quality and artefacts of one view."
     rng = np.random.default_rng([seed, VIEW_IDS[view]])
     H, W = size
+    z = rng.random()                                       # latent image quality: 0 best .. 1 worst
+    jit = lambda: float(np.clip(z + rng.normal(0, 0.12), 0, 1))
     p = dict(
         n_frames=int(rng.integers(10, 31)) if n_frames is None else int(n_frames),
         reverse=bool(rng.random() < 0.25),                 # some CAMUS half sequences run ES -> ED
-        tilt=np.deg2rad(rng.uniform(-10, 10) + (4 if view == '4CH' else 0)),
-        apex_x=(0.5 + (0.07 if view == '4CH' else 0.0) + rng.uniform(-0.04, 0.04)) * W,
-        apex_y=rng.uniform(0.10, 0.17) * H,
-        half_angle=np.deg2rad(rng.uniform(36, 42)), depth=rng.uniform(0.93, 0.99) * H,
-        gain=rng.uniform(0.7, 1.4), dyn_range=rng.uniform(38, 50), gamma=rng.uniform(0.8, 1.2),
+        tilt=np.deg2rad(rng.uniform(-P.tilt_deg, P.tilt_deg) + (4 if view == '4CH' else 0)),
+        apex_x=(0.5 + (0.06 if view == '4CH' else 0.0) + rng.uniform(-P.apex_shift, P.apex_shift)) * W,
+        apex_y=rng.uniform(0.06, 0.18) * H,
+        depth_ratio=_u(rng, P.depth_ratio),
+        half_angle=np.deg2rad(_u(rng, P.half_angle_deg)), depth=rng.uniform(0.93, 0.99) * H,
+        gain=rng.uniform(0.8, 1.25), dyn_range=rng.uniform(40, 52), gamma=rng.uniform(0.85, 1.15),
         atten=rng.uniform(0.4, 1.6), tgc=rng.uniform(0.2, 1.2),
-        blood=rng.uniform(0.008, 0.02), tissue=rng.uniform(0.05, 0.11), myo=rng.uniform(0.4, 0.65),
-        speckle_corr=rng.uniform(0.5, 0.85), frame_rate=float(rng.integers(35, 80)),
-        shadow=rng.random() < 0.25, dropout=rng.random() < 0.45, haze=rng.random() < 0.35,
-        drop_side=(1 if view == '4CH' else int(rng.choice([-1, 1]))),
-        rng=rng)
+        tissue=rng.uniform(0.10, 0.16), frame_rate=float(rng.integers(35, 80)),
+        speckle_rho=_u(rng, P.speckle_rho),
+        la_cut=bool(rng.random() < P.la_cut), la_cut_frac=rng.uniform(0.25, 0.7),
+        shadow=rng.random() < 0.2 + 0.3 * z,
+        wobble=P.wobble * rng.uniform(0.3, 1.0), wob_f=rng.uniform(1.0, 2.5), wob_ph=rng.uniform(0, 2 * np.pi),
+        trans=rng.normal(0, 1, (2, 2)), trans_ph=rng.uniform(0, 2 * np.pi, (2, 2)),
+        z=z, rng=rng)
+    q = dict(myo_c=_lerp(P.myo_contrast[::-1], jit()), blood_c=_lerp(P.blood, jit()), clutter=_lerp(P.clutter, jit()),
+             reverb=_lerp(P.reverb, jit()), noise=_lerp(P.noise, jit()), drop=P.dropout_rate * (0.2 + 1.6 * jit()))
+    p.update(q)
+    p['myo'], p['blood'] = p['tissue'] * q['myo_c'], p['tissue'] * q['blood_c']
+    # the degradation score: mean of the realised settings, each scaled to [0, 1] over its range
+    norm = lambda v, r: (v - r[0]) / (r[1] - r[0] + 1e-12)
+    parts = [norm(q['myo_c'], P.myo_contrast[::-1]), norm(q['blood_c'], P.blood), norm(q['clutter'], P.clutter),
+             norm(q['noise'], P.noise), (q['drop'] / max(P.dropout_rate, 1e-9) - 0.2) / 1.6]
+    p['score'] = float(np.mean(parts)) if P.dropout_rate > 0 else float(np.mean(parts[:-1]))
+    lo, hi = P.quality_cuts
+    p['quality'] = 'Good' if p['score'] < lo else 'Medium' if p['score'] < hi else 'Poor'
     return p
 
+
 # %% ../nbs/01_phantom.ipynb #d7c1ff2a
-def _phase(n_frames, reverse):
-    "Cardiac phase per frame: 0 = ED, 1 = ES (cosine ease); reversed for ES -> ED sequences."
+def _phase(n_frames, reverse, wobble=0.0, f=1.5, ph0=0.0):
+    """Cardiac phase per frame: 0 = ED, 1 = ES (cosine ease) plus a non-monotone wobble that vanishes at
+    both ends; reversed for ES -> ED sequences."""
     t = np.linspace(0, 1, n_frames)
-    ph = 0.5 - 0.5 * np.cos(np.pi * t)
+    ph = 0.5 - 0.5 * np.cos(np.pi * t) + wobble * np.sin(np.pi * t) * np.sin(2 * np.pi * f * t + ph0)
+    ph = np.clip(ph, 0, 1)
     return ph[::-1].copy() if reverse else ph
+
 
 # %% ../nbs/01_phantom.ipynb #1adfa87d
 def _harmonics(z, coefs, k0=1):
@@ -88,38 +145,60 @@ def _seg_dist(x, y, p, q):
     return np.hypot(x - px - t * dx, y - py - t * dy)
 
 # %% ../nbs/01_phantom.ipynb #3f1755ba
-def _anatomy(pp, vp, ph, X, Y, view):
-    "Labels (H,W) uint8 and echogenicity (H,W) float for cardiac phase `ph` in [0, 1]."
+_SEG_PHI = np.array([-2.2, -1.5, -0.8, -0.25, 0.25, 0.8, 1.5, 2.2])    # wall segments (angle from the apex direction)
+
+def _anatomy(pp, vp, ph, X, Y, view, drop=None, shift=(0.0, 0.0)):
+    """One frame at cardiac phase `ph` in [0, 1]: labels (H,W) uint8, echogenicity (H,W), blood mask (H,W) and
+    the material coordinates (x0, y0) of every pixel at ED (for speckle carried by the tissue).
+    `drop`: per wall segment, the echogenicity lost to dropout in this frame; `shift`: whole-heart translation (px)."""
     H, W = X.shape
+    mm = H / vp['depth_mm']                                         # pixels per mm: depth rescales the anatomy
     s = 1 - pp['long_short'] * ph                                   # long-axis shortening
     w_es = np.sqrt((1 - pp['ef']) / (1 - pp['long_short']))
-    L = pp['lv_len'] * H * s
-    a = pp['lv_width'] * H / 2 * (1 - (1 - w_es) * ph) / np.sqrt(1 - pp['beta'] ** 2)
+    L = pp['lv_len'] * mm * s
+    a_ed = pp['lv_width'] * mm / 2 / np.sqrt(1 - pp['beta'] ** 2)
+    a = a_ed * (1 - (1 - w_es) * ph)
     b = L / (1 + pp['beta'])
-    thick = pp['wall'] * W * (1 + 0.6 * pp['ef'] * ph)
+    thick = pp['wall'] * mm * (1 + 0.6 * pp['ef'] * ph)
     g = vp['tilt']
-    dx, dy = X - vp['apex_x'], Y - vp['apex_y']
+    dx, dy = X - vp['apex_x'] - shift[0], Y - vp['apex_y'] - shift[1]
     u = dx * np.sin(g) + dy * np.cos(g)                             # along the long axis, 0 at the apex
     v = dx * np.cos(g) - dy * np.sin(g)                             # across it (towards +x)
     lev, z, rho, r_endo = _ellipse_level(u - b, v, b, a, pp['harm'])
+    if pp['hypo']:                                                  # a hypokinetic region keeps (part of) its ED radius
+        bump = np.exp(pp['hypo_kappa'] * ((z * np.exp(-1j * pp['hypo_phi'])).real - 1))
+        r_endo = r_endo * (1 + pp['hypo_amp'] * bump * (a_ed / a - 1))
+        lev = rho / r_endo
     cavity = (lev < 1) & (u < L)
     t_phi = thick * _harmonics(z, [pp['wall_harm']]) * (1 - 0.35 * np.clip(z.real, 0, None) ** 4)
     epi = rho < r_endo + t_phi
     myo = epi & ~cavity & (u < L)
     # left atrium hangs below the mitral plane; it fills during systole
     ann = a * np.sqrt(1 - pp['beta'] ** 2)                          # annulus half width
-    ann_ed = pp['lv_width'] * H / 2                                  # the atrium does not follow the LV's contraction
+    ann_ed = pp['lv_width'] * mm / 2                                 # the atrium does not follow the LV's contraction
     a_la = ann_ed * pp['la_scale'] * (0.95 + pp['la_fill'] * ph)
     b_la = a_la * 1.15
     la_lev, _, _, _ = _ellipse_level(u - (L + 0.55 * b_la), v + 0.05 * a, b_la, a_la, pp['la_harm'], 1)
     la = (la_lev < 1) & (u >= L) & ~myo
     lab = np.zeros((H, W), np.uint8)
     lab[cavity] = 1; lab[myo] = 2; lab[la] = 3
+    # material coordinates at ED: undo the long-axis shortening, the lateral contraction near the LV, the translation
+    u0 = np.where(u > 0, u / s, u)
+    k = a_ed / a
+    v0 = v * (1 + (k - 1) * np.exp(-(v / (a + 1.5 * thick)) ** 2) * np.exp(-np.clip(u0 - 1.2 * L / s, 0, None) ** 2 / (0.2 * L) ** 2))
+    x0 = vp['apex_x'] + u0 * np.sin(g) + v0 * np.cos(g)
+    y0 = vp['apex_y'] + u0 * np.cos(g) - v0 * np.sin(g)
+    # the heart slides inside the pericardium: tissue outside it only follows the whole-heart translation
+    inside = ndimage.binary_dilation(epi | la, iterations=max(1, int(round(1.5 * mm))))
+    x0, y0 = np.where(inside, x0, X - shift[0]), np.where(inside, y0, Y - shift[1])
     # --- echogenicity (mean backscatter) ---
-    E = np.full((H, W), vp['tissue'])
-    E *= 1 + 0.35 * vp['tex']                                       # static tissue texture
-    peri = (rho > r_endo + t_phi + 0.02 * W) & (rho < r_endo + t_phi + 0.035 * W) & (u < L + 0.02 * H)
-    E[peri] = np.maximum(E[peri], 0.85 * vp['peri_amp'] * (0.6 + 0.4 * (z[peri] ** 3 * np.exp(1j * vp['peri_ph'])).real))
+    tex = ndimage.map_coordinates(vp['tex'], [y0, x0], order=1, mode='reflect')
+    E = vp['tissue'] * (1 + 0.4 * tex)                              # tissue texture, carried by the motion
+    # the pericardium: a bright line outside the epicardium, only along part of it (patchy, faint)
+    peri = (rho > r_endo + t_phi + 0.8 * mm) & (rho < r_endo + t_phi + 3.0 * mm) & (u < L + 3 * mm)
+    vis = np.clip(_harmonics(z[peri], vp['peri_harm'], 1) - 1 + vp['peri_bias'], 0, 1)
+    E[peri] *= 1 + vp['peri_amp'] * vis
+    blood = np.zeros((H, W), bool)
     if view == '4CH':                                               # right ventricle and atrium, unlabelled
         a_rv = 0.8 * a
         rv_v = v + a + thick + a_rv * 0.95 + 0.01 * W
@@ -128,21 +207,21 @@ def _anatomy(pp, vp, ph, X, Y, view):
         ra_lev, _, _, _ = _ellipse_level(u - (L + 0.5 * b_la), rv_v - 0.05 * a, b_la * 0.95, a_rv * 0.9)
         ra = (ra_lev < 1) & (u >= L + 0.01 * H) & ~la
         rvw = ((rv_lev < 1.12) & ~rv & (u < L) & ~epi) | ((ra_lev < 1.15) & ~ra & (u > L) & ~la)
-        E[rvw] = vp['myo'] * 0.6
-        E[rv | ra] = vp['blood']
+        E[rvw] = vp['myo'] * 0.8
+        E[rv | ra] = vp['blood']; blood |= rv | ra
     E[la] = vp['blood']
-    # interatrial / atrial wall ring, thin and faint
-    la_ring = (la_lev >= 1) & (la_lev < 1.12) & (u > L) & ~myo
-    E[la_ring] = np.maximum(E[la_ring], 0.7 * vp['tissue'])
-    E[myo] = vp['myo'] * _harmonics(z[myo], pp['myo_tex'], 1).clip(0.4, 1.8)
+    la_ring = (la_lev >= 1) & (la_lev < 1.12) & (u > L) & ~myo       # atrial wall, thin and faint
+    E[la_ring] = np.maximum(E[la_ring], 1.1 * vp['tissue'])
+    E[myo] = vp['myo'] * _harmonics(z[myo], pp['myo_tex'], 1).clip(0.5, 1.6) * (1 + 0.3 * tex[myo])
     E[cavity] = vp['blood']
-    # trabeculae near the endocardium and two papillary muscles: bright spots *inside* label 1
+    blood |= cavity | la
+    # trabeculae near the endocardium and two papillary muscles: brighter spots *inside* label 1
     trab = cavity & (lev > 0.86) & ((z ** 9 * np.exp(1j * vp['trab_ph'])).real > 0.3)
-    E[trab] = 0.35 * vp['myo']
+    E[trab] = 0.45 * vp['myo']
     for side in (-1, 1):
         d = np.hypot(u - 0.62 * L, v - side * 0.55 * a)
         pap = cavity & (d < 0.2 * a)
-        E[pap] = 0.55 * vp['myo']
+        E[pap] = 0.6 * vp['myo']
     # mitral leaflets: hinge at the annulus, open towards the LV at ED, closed (bowing to the LA) at ES
     ang = np.deg2rad(75) * (1 - np.clip(ph / 0.2, 0, 1))
     for side in (-1, 1):
@@ -150,30 +229,56 @@ def _anatomy(pp, vp, ph, X, Y, view):
         leaf = 0.85 * ann
         tip = hinge + leaf * np.array([-side * np.cos(ang), -np.sin(ang) + 0.15 * (1 - ang / 1.3)])
         dd = _seg_dist(v, u, hinge, tip)
-        E[(dd < 0.006 * W + 0.5)] = 0.5 * vp['myo']
-    return lab, E
+        E[(dd < 0.006 * W + 0.5)] = 0.7 * vp['myo']
+    # intermittent dropout of wall segments (beam-parallel walls): the wall fades into the blood pool
+    if drop is not None and np.any(drop > 0):
+        near_wall = np.exp(-((rho - r_endo - 0.4 * t_phi) / (1.1 * t_phi)) ** 2) * (u < L + 2 * mm)
+        seg = np.zeros((H, W), np.float32)
+        for phi_k, d_k in zip(_SEG_PHI, drop):
+            if d_k > 0: seg = np.maximum(seg, d_k * np.exp(4.0 * ((z * np.exp(-1j * phi_k)).real - 1)))
+        E *= 1 - np.clip(seg * near_wall, 0, 0.97)
+    return lab, E, blood, (x0, y0)
+
 
 # %% ../nbs/01_phantom.ipynb #5d8f8932
 def _smooth_noise(rng, shape, sigma):
     f = ndimage.gaussian_filter(rng.standard_normal(shape), sigma)
     return f / (f.std() + 1e-9)
 
-def _speckle(rng, n, H, W, sigma, rho):
-    "Unit-power Rayleigh amplitude, spatially smoothed, AR(1)-correlated over frames."
+def _complex_field(rng, n, H, W, sigma, rho):
+    "Smoothed complex Gaussian fields (n, H, W), unit power, AR(1)-correlated over the first axis."
     re = ndimage.gaussian_filter(rng.standard_normal((n, H, W), np.float32), (0, *sigma))
     im = ndimage.gaussian_filter(rng.standard_normal((n, H, W), np.float32), (0, *sigma))
-    for t in range(1, n):
-        re[t] = rho * re[t - 1] + np.sqrt(1 - rho ** 2) * re[t]
-        im[t] = rho * im[t - 1] + np.sqrt(1 - rho ** 2) * im[t]
-    amp = np.hypot(re, im)
-    return amp / np.sqrt((amp ** 2).mean())
+    c = re + 1j * im
+    for t in range(1, n): c[t] = rho * c[t - 1] + np.sqrt(1 - rho ** 2) * c[t]
+    return c / np.sqrt((np.abs(c) ** 2).mean())
+
+def _speckle(rng, coords, blood, sigma, rho):
+    """Rayleigh speckle amplitude (F, H, W) with unit power. In tissue it is a scatterer field sampled at each
+    frame's material coordinates (`coords`: per frame (x0, y0)), so it moves and deforms with the tissue and
+    decorrelates slowly (`rho` per frame); in blood (`blood` (F, H, W) bool) it is new every frame."""
+    F, H, W = blood.shape
+    mat = _complex_field(rng, F, H, W, sigma, rho)
+    fresh = _complex_field(rng, F, H, W, sigma, 0.0)
+    amp = np.empty((F, H, W), np.float32)
+    for t, (x0, y0) in enumerate(coords):
+        re = ndimage.map_coordinates(mat[t].real, [y0, x0], order=1, mode='reflect')
+        im = ndimage.map_coordinates(mat[t].imag, [y0, x0], order=1, mode='reflect')
+        amp[t] = np.where(blood[t], np.abs(fresh[t]), np.hypot(re, im) * 1.15)   # (linear interpolation smooths a little)
+    return amp
+
 
 # %% ../nbs/01_phantom.ipynb #5fa60a44
-def _fit_in_fan(pp, vp, X, Y, view, ox, oy, margin_deg=3.0):
-    "Translate the heart (apex_x, apex_y in place) so that its labels at ED and ES lie inside the fan."
+def _fit_in_fan(pp, vp, X, Y, view, ox, oy, margin_deg=3.0, pad=0.0):
+    """Translate the heart (apex_x, apex_y in place) so that its labels at ED and ES lie inside the fan, as a
+    sonographer would. Views drawn with `la_cut` (and hearts too big for the fan) keep only the LV inside:
+    the sector then ends across the atrium, which is cut as in many CAMUS views. `pad` (px): room for the heart's motion.
+    Returns whether the LV fits (if not, the caller images deeper)."""
     H = X.shape[0]; tmax = np.tan(vp['half_angle'] - np.deg2rad(margin_deg))
+    labs = [_anatomy(pp, vp, ph, X, Y, view)[0] for ph in (0.0, 1.0)]
     m = np.zeros(X.shape, bool)
-    for ph in (0.0, 1.0): m |= _anatomy(pp, vp, ph, X, Y, view)[0] > 0
+    for lab in labs: m |= (lab > 0) if not vp['la_cut'] else (lab == 1) | (lab == 2)
+    if pad >= 1: m = ndimage.binary_dilation(m, iterations=int(round(pad)))
     xs, ys = X[m] - ox, Y[m] - oy
     right, left = (xs - ys * tmax).max(), (-xs - ys * tmax).max()    # > 0: outside on that side
     # moving down by dy widens the fan by dy*tmax on each side; then any dx in [lo, hi] fits
@@ -182,73 +287,115 @@ def _fit_in_fan(pp, vp, X, Y, view, ox, oy, margin_deg=3.0):
     lo, hi = left - dy * tmax, dy * tmax - right
     dx = float(np.clip(0.0, lo, hi)) if lo <= hi else (lo + hi) / 2              # the smallest shift that fits
     deep = np.hypot(xs + dx, ys + dy).max() - (vp['depth'] - 0.03 * H)
-    if deep > 0: dy -= min(deep, vp['apex_y'] + dy - 0.05 * H)                   # too deep: move up
+    if deep > 0 and not vp['la_cut']:                                           # the whole heart does not fit: cut the LA
+        vp['la_cut'] = True
+        return _fit_in_fan(pp, vp, X, Y, view, ox, oy, margin_deg, pad)
+    fits = lo <= hi and deep <= 0
+    if deep > 0: dy -= min(deep, max(0.0, vp['apex_y'] + dy - 0.07 * H - pad))   # too deep: move up (the apex stays in)
     vp['apex_x'] += dx; vp['apex_y'] += dy
+    if vp['la_cut']:                                                            # the sector ends across the LA
+        la = np.zeros(X.shape, bool)
+        for lab in labs: la |= lab == 3
+        if la.any():
+            r = np.hypot(X[la] - ox - dx, Y[la] - oy - dy)
+            cut = r.max() - vp['la_cut_frac'] * (r.max() - r.min())
+            lv = np.hypot(xs + dx, ys + dy).max() + 0.02 * H
+            vp['depth'] = float(np.clip(cut, lv, vp['depth']))
+    return fits
+
 
 # %% ../nbs/01_phantom.ipynb #597cd8bf
-def make_sequence(seed, view='4CH', n_frames=None, size=(256, 256)):
-    "One synthetic apical half sequence: dict(video uint8 (F,H,W), labels uint8 (F,H,W), info dict)."
+def _size(size):
+    "An int (a square image) or a pair (H, W) -> (H, W) ints."
+    if isinstance(size, (int, np.integer)): return int(size), int(size)
+    try:
+        h, w = size
+        return int(h), int(w)
+    except (TypeError, ValueError):
+        raise ValueError(f"size must be an int (square images) or a pair (H, W) of ints; got {size!r}") from None
+
+def make_sequence(seed, view='4CH', n_frames=None, size=(256, 256), params: PhantomParams | None = None):
+    """One synthetic apical half sequence: dict(video uint8 (F,H,W), labels uint8 (F,H,W), info dict).
+    `size` is an int (square) or (H, W); `params` (a `PhantomParams`) sets the realism knobs."""
     if view not in VIEW_IDS: raise ValueError(f"unknown view {view!r}; expected one of {tuple(VIEW_IDS)}")
-    H, W = int(size[0]), int(size[1])
+    H, W = _size(size)
     if H < 32 or W < 32: raise ValueError(f"size {size} too small; need at least 32x32 pixels")
     if n_frames is not None and int(n_frames) < 2: raise ValueError(f"n_frames={n_frames}: need at least 2 frames")
-    pp = _patient_params(seed)
-    vp = _view_params(seed, view, n_frames, (H, W))
+    P = PhantomParams() if params is None else params
+    pp = _patient_params(seed, P)
+    vp = _view_params(seed, view, n_frames, (H, W), P)
+    vp['depth_mm'] = vp['depth_ratio'] * pp['lv_len']                # the sonographer sets the depth for this heart
     rng, F = vp['rng'], vp['n_frames']
     sc = W / 256
-    vp['tex'] = np.clip(_smooth_noise(rng, (H, W), 6 * sc), -2, 2)
-    vp.update(peri_amp=rng.uniform(0.6, 1.1), peri_ph=rng.uniform(0, 2 * np.pi), trab_ph=rng.uniform(0, 2 * np.pi))
+    vp['tex'] = np.clip(_smooth_noise(rng, (H, W), 5 * sc), -2, 2).astype(np.float32)
+    vp.update(peri_amp=rng.uniform(0.8, 2.0), peri_harm=rng.normal(0, 0.6, (4, 2)),
+              peri_bias=float(np.quantile(rng.normal(0, 1, 64), 1 - P.epi_visibility)) * -0.5 if P.epi_visibility > 0 else -9.0,
+              trab_ph=rng.uniform(0, 2 * np.pi))
     Y, X = np.mgrid[0:H, 0:W].astype(np.float32)
-    ph = _phase(F, vp['reverse'])
+    ph = _phase(F, vp['reverse'], vp['wobble'], vp['wob_f'], vp['wob_ph'])
     ox, oy = W / 2, -0.02 * H                                        # the probe: top centre
-    _fit_in_fan(pp, vp, X, Y, view, ox, oy)
-    labels = np.empty((F, H, W), np.uint8); E = np.empty((F, H, W), np.float32)
-    for t in range(F): labels[t], E[t] = _anatomy(pp, vp, ph[t], X, Y, view)
+    pose = {k: vp[k] for k in ('apex_x', 'apex_y', 'la_cut', 'depth')}
+    for _ in range(6):                                                # a heart too big for the fan: image deeper
+        if _fit_in_fan(pp, vp, X, Y, view, ox, oy, pad=P.translation_mm * H / vp['depth_mm']): break
+        vp.update(pose); vp['depth_mm'] *= 1.12
+    # whole-heart translation (respiration, probe motion): a smooth path of amplitude translation_mm
+    t = np.linspace(0, 1, F)[:, None]
+    amp = P.translation_mm * H / vp['depth_mm'] / 2
+    shift = amp * (vp['trans'][:, 0] * np.sin(np.pi * t + vp['trans_ph'][:, 0]) + vp['trans'][:, 1] * np.sin(2.3 * np.pi * t + vp['trans_ph'][:, 1]))
+    shift -= shift[0]
+    # intermittent dropout: per wall segment a two-state chain over the frames; the lateral wall drops out more
+    side = np.sign(_SEG_PHI) * (1 if view == '4CH' else rng.choice([-1, 1]))
+    p_on = np.clip(vp['drop'] * np.where(side > 0, 1.5, 0.6), 0, 0.95)
+    depth_d = rng.uniform(*P.dropout_depth, len(_SEG_PHI))
+    on = np.zeros((F, len(_SEG_PHI)), bool); on[0] = rng.random(len(_SEG_PHI)) < p_on
+    for f in range(1, F):                                             # keeps its state with probability 0.2: intermittent
+        on[f] = np.where(rng.random(len(_SEG_PHI)) < 0.2, on[f - 1], rng.random(len(_SEG_PHI)) < p_on)
+    drops = on * depth_d
+    labels = np.empty((F, H, W), np.uint8); E = np.empty((F, H, W), np.float32); blood = np.empty((F, H, W), bool)
+    coords = []
+    for f in range(F):
+        labels[f], E[f], blood[f], c = _anatomy(pp, vp, ph[f], X, Y, view, drops[f], shift[f])
+        coords.append(c)
     r = np.hypot(X - ox, Y - oy); th = np.arctan2(X - ox, Y - oy)
     sector = (np.abs(th) < vp['half_angle']) & (r < vp['depth']) & (r > 0.04 * H)
     labels[:, ~sector] = 0
     E = ndimage.gaussian_filter(E, (0, 1.6 * sc, 1.2 * sc))                   # finite resolution
-    # artefacts on the echogenicity
-    if vp['shadow']:
+    if vp['shadow']:                                                  # acoustic shadow (a rib)
         th0 = rng.uniform(-0.8, 0.8) * vp['half_angle']; wid = np.deg2rad(rng.uniform(3, 7))
         r0 = rng.uniform(0.1, 0.35) * H; depth_f = rng.uniform(0.15, 0.45)
         wedge = np.clip(1 - np.abs(th - th0) / wid, 0, 1) ** 0.5 * np.clip((r - r0) / (0.05 * H), 0, 1)
         E *= (1 - (1 - depth_f) * wedge)[None]
-    if vp['dropout']:
-        g = vp['tilt']; a_mid = pp['lv_width'] * H / 2
-        uc = rng.uniform(0.35, 0.75) * pp['lv_len'] * H
-        vc = vp['drop_side'] * (a_mid + pp['wall'] * W)
-        cx = vp['apex_x'] + uc * np.sin(g) + vc * np.cos(g); cy = vp['apex_y'] + uc * np.cos(g) - vc * np.sin(g)
-        rad = rng.uniform(0.08, 0.14) * H; depth_d = rng.uniform(0.6, 0.92)
-        blob = np.exp(-((X - cx) ** 2 + (Y - cy) ** 2) / (2 * rad ** 2))
-        wob = 1 - 0.25 * (1 + np.sin(np.linspace(0, rng.uniform(2, 6), F) + rng.uniform(0, 6))) / 2
-        E *= 1 - depth_d * blob[None] * wob[:, None, None]
-    A = E * _speckle(rng, F, H, W, (0.9 * sc, 2.2 * sc), vp['speckle_corr'])
-    # near-field clutter (always a little) and haze over some frames
-    near = np.exp(-r / (0.12 * H))
-    clut = np.clip(_smooth_noise(rng, (H, W), 4 * sc), 0, None)
-    A += (0.06 * near * clut)[None] * rng.uniform(0.5, 1.5)
-    if vp['haze']:
-        hz = np.clip(_smooth_noise(rng, (H, W), 14 * sc) + 0.8, 0, None) * np.exp(-r / (0.45 * H))
-        on = np.zeros(F); i0 = int(rng.integers(0, F)); on[i0:i0 + int(rng.integers(3, F + 1))] = 1
-        on = ndimage.gaussian_filter1d(on, 1.5) * rng.uniform(0.08, 0.2) + 0.03
-        A += hz[None] * on[:, None, None] * _speckle(rng, F, H, W, (1.5 * sc, 3 * sc), 0.6)
+    # apical near-field clutter: static (fixed to the probe), over the apex and the top of the cavity
+    r_apex = np.hypot(vp['apex_x'] - ox, vp['apex_y'] - oy)
+    near = np.exp(-(np.clip(r - 0.04 * H, 0, None) / (r_apex + 0.12 * H)) ** 2 * 2)
+    clut = np.clip(_smooth_noise(rng, (H, W), 2.5 * sc) + 0.3, 0, None) * np.clip(_smooth_noise(rng, (H, W), 12 * sc) + 1, 0, None)
+    E += (vp['clutter'] * vp['tissue'] * near * clut)[None]
+    # reverberation ghost: the bright near field repeated one apex distance deeper (in polar coordinates)
+    if vp['reverb'] > 0:
+        E0 = E[0] * (r < r_apex + 0.06 * H)
+        rr = r - r_apex
+        gx, gy = ox + rr * np.sin(th), oy + rr * np.cos(th)
+        ghost = ndimage.map_coordinates(E0, [gy, gx], order=1, mode='constant') * (rr > 0)
+        E += (vp['reverb'] * ghost)[None]
+    A = E * _speckle(rng, coords, blood, (0.9 * sc, 2.2 * sc), vp['speckle_rho'])
     A *= (np.exp(-vp['atten'] * r / H) * (1 + vp['tgc'] * r / H))[None]
-    A += 0.004 * np.abs(rng.standard_normal((F, H, W)))                 # electronic noise floor
+    A += vp['noise'] * np.abs(rng.standard_normal((F, H, W)))           # electronic noise floor
     # log compression
     db = 20 * np.log10(A * vp['gain'] + 1e-6)
     img = np.clip((db + vp['dyn_range']) / vp['dyn_range'], 0, 1) ** vp['gamma']
     edge = np.clip((vp['half_angle'] - np.abs(th)) / 0.02, 0, 1) * np.clip((vp['depth'] - r) / 2, 0, 1) * (r > 0.04 * H)
     video = np.round(img * edge[None] * 255).astype(np.uint8)
-    n_art = int(vp['shadow']) + int(vp['dropout']) + int(vp['haze'])
-    quality = ['Good', 'Medium', 'Poor', 'Poor'][n_art]
     ed, es = (F, 1) if vp['reverse'] else (1, F)
-    spacing = pp['depth_mm'] / H
-    info = dict(ED=ed, ES=es, NbFrame=F, Sex=pp['sex'], Age=pp['age'], ImageQuality=quality,
+    spacing = vp['depth_mm'] / H
+    info = dict(ED=ed, ES=es, NbFrame=F, Sex=pp['sex'], Age=pp['age'], ImageQuality=vp['quality'],
                 EF=round(100 * pp['ef'], 1), FrameRate=vp['frame_rate'],
                 spacing=(spacing, spacing), fan=dict(origin=(oy, ox), half_angle=float(vp['half_angle']), depth=float(vp['depth'])),
-                artefacts=dict(shadow=vp['shadow'], dropout=vp['dropout'], haze=vp['haze']))
+                quality_score=round(vp['score'], 3),
+                artefacts=dict(myo_contrast=vp['myo_c'], blood=vp['blood_c'], clutter=vp['clutter'], reverb=vp['reverb'],
+                               noise=vp['noise'], dropout=float(on.mean()), shadow=bool(vp['shadow']), la_cut=vp['la_cut'],
+                               hypokinesis=bool(pp['hypo'])))
     return dict(video=video, labels=labels, info=info)
+
 
 # %% ../nbs/01_phantom.ipynb #6134fe3d
 def _disc_diameters(mask, spacing, n_discs, sub=3):
@@ -322,25 +469,56 @@ def write_nifti_sequence(patient_dir, view, video, labels, info):
     (patient_dir / f"Info_{view}.cfg").write_text(''.join(f"{k}: {cfg[k]}\n" for k in keys if k in cfg))
 
 # %% ../nbs/01_phantom.ipynb #6d12f11f
-PHANTOM_VERSION = 1
+PHANTOM_VERSION = 2
 
 def _patient_seed(seed, i): return int(seed) * 1_000_003 + int(i)
 
-def write_camus_phantom(root, n_patients=60, seed=0, size=(256, 256), views=('2CH', '4CH'), progress=True):
-    "Write a synthetic data set in the CAMUS 2023 on-disk layout under `root`; returns `root` (a Path)."
+def make_patient(seed, views=('2CH', '4CH'), n_frames=None, size=(256, 256), params: PhantomParams | None = None):
+    """Both views of one patient (one heart): {view: make_sequence(...)}, with `info['EF']` replaced by the
+    ejection fraction *measured* on the generated ED/ES cavity masks by `biplane_volume` (percent) -- the
+    same value in every view. With only one view, the single-plane method (circular discs: the view's
+    mask in both places) is used. `info['EDV']`, `info['ESV']` (ml) hold the volumes."""
+    seqs = {v: make_sequence(seed, v, n_frames=n_frames, size=size, params=params) for v in views}
+    def masks(key):
+        out = {v: (s['labels'][s['info'][key] - 1] == 1, s['info']['spacing']) for v, s in seqs.items()}
+        m2, m4 = out.get('2CH', out.get('4CH')), out.get('4CH', out.get('2CH'))
+        return biplane_volume(m2[0], m4[0], m2[1], m4[1])
+    edv, esv = masks('ED'), masks('ES')
+    ef = ejection_fraction(edv, esv)
+    for s in seqs.values():
+        s['info'].update(EF=round(ef, 1), EDV=round(edv, 2), ESV=round(esv, 2))
+    return seqs
+
+def _read_manifest(mpath):
+    try: return json.loads(Path(mpath).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{mpath}: cannot parse the phantom manifest ({type(e).__name__}: {e}); the file is empty or "
+                         f"torn (an interrupted write?) -- delete {mpath} (and the data set beside it) and run again") from e
+
+def _write_manifest(mpath, d):
+    from usjepa.data import atomic_write          # (moves to usjepa.core)
+    with atomic_write(mpath) as tmp: Path(tmp).write_text(json.dumps(d, indent=1))
+
+def write_camus_phantom(root, n_patients=60, seed=0, size=(256, 256), views=('2CH', '4CH'), progress=True,
+                        params: PhantomParams | None = None):
+    """Write a synthetic data set in the CAMUS 2023 on-disk layout under `root`; returns `root` (a Path).
+    `size` is an int (square) or (H, W); `params` the realism knobs (`PhantomParams`, default: the defaults).
+    Each cfg's `EF` is measured by `biplane_volume` on the patient's own ED/ES masks (see `make_patient`)."""
     from tqdm.auto import tqdm
     root = Path(root)
     views = tuple(views)
     bad = [v for v in views if v not in VIEW_IDS]
     if bad or not views: raise ValueError(f"unknown view(s) {bad or views}; expected some of {tuple(VIEW_IDS)}")
     if int(n_patients) < 1: raise ValueError(f"n_patients={n_patients}: need at least 1")
-    size = (int(size[0]), int(size[1]))
+    size = _size(size)
     manifest = dict(generator='usjepa.phantom', version=PHANTOM_VERSION, n_patients=int(n_patients),
                     seed=int(seed), size=list(size), views=list(views))
+    if params is not None and params != PhantomParams():              # non-default knobs are part of the data set's identity
+        manifest['params'] = json.loads(json.dumps(dataclasses.asdict(params)))
     mpath, db, split_dir = root / 'phantom.json', root / 'database_nifti', root / 'database_split'
     if mpath.exists():
-        old = json.loads(mpath.read_text())
-        if {k: old.get(k) for k in manifest} != manifest:
+        old = _read_manifest(mpath)
+        if {k: old.get(k) for k in manifest} != manifest or old.get('params') != manifest.get('params'):
             raise FileExistsError(f"{root} already holds a different phantom data set ({mpath}: {old}); "
                                   f"refusing to overwrite it -- choose another folder or delete it")
         if old.get('complete'): return root
@@ -348,15 +526,14 @@ def write_camus_phantom(root, n_patients=60, seed=0, size=(256, 256), views=('2C
         raise FileExistsError(f"{root} already holds a CAMUS-style data set that this generator did not write "
                               f"(no {mpath.name}); refusing to overwrite it")
     root.mkdir(parents=True, exist_ok=True); db.mkdir(exist_ok=True)
-    mpath.write_text(json.dumps({**manifest, 'complete': False}, indent=1))
+    _write_manifest(mpath, {**manifest, 'complete': False})
     ids = [f"patient{i:04d}" for i in range(1, int(n_patients) + 1)]
     for i, pid in enumerate(tqdm(ids, disable=not progress, desc='phantom'), start=1):
         final = db / pid
         if final.exists(): continue                              # written by an interrupted earlier call
         tmp = db / f"{pid}.tmp"
         if tmp.exists(): shutil.rmtree(tmp)
-        for view in views:
-            s = make_sequence(_patient_seed(seed, i), view, size=size)
+        for view, s in make_patient(_patient_seed(seed, i), views, size=size, params=params).items():
             write_nifti_sequence(tmp, view, s['video'], s['labels'], s['info'])
         os.replace(tmp, final)
     # splits: 80 / 10 / 10 by patient, seeded (at least one validation and one test patient when possible)
@@ -366,5 +543,5 @@ def write_camus_phantom(root, n_patients=60, seed=0, size=(256, 256), views=('2C
     split_dir.mkdir(exist_ok=True)
     for name, pids in parts.items():
         (split_dir / f"subgroup_{name}.txt").write_text(''.join(p + '\n' for p in sorted(pids)))
-    mpath.write_text(json.dumps({**manifest, 'complete': True}, indent=1))
+    _write_manifest(mpath, {**manifest, 'complete': True})
     return root
