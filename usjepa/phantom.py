@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 from scipy import ndimage
+from .core import atomic_write
 
 
 # %% auto #0
@@ -496,7 +497,6 @@ def _read_manifest(mpath):
                          f"torn (an interrupted write?) -- delete {mpath} (and the data set beside it) and run again") from e
 
 def _write_manifest(mpath, d):
-    from usjepa.data import atomic_write          # (moves to usjepa.core)
     with atomic_write(mpath) as tmp: Path(tmp).write_text(json.dumps(d, indent=1))
 
 def write_camus_phantom(root, n_patients=60, seed=0, size=(256, 256), views=('2CH', '4CH'), progress=True,
