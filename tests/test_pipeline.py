@@ -71,8 +71,10 @@ def test_pretraining_passes_the_clip_per_epoch(tmp_path, monkeypatch):
 def test_run_folder_is_never_mixed_or_overwritten(tmp_path):
     c = validate(tiny(tmp_path))
     prepare_run_dir(c)
-    with pytest.raises(ValueError, match='lam'): prepare_run_dir(replace(c, lam=0.5))
+    prepare_run_dir(replace(c, lam=0.5))            # nothing trained yet: a corrected start may take the folder (issue 11)
+    prepare_run_dir(c)
     (tmp_path / 'run' / 'pretrain.pt').write_bytes(b'x')
+    with pytest.raises(ValueError, match='lam'): prepare_run_dir(replace(c, lam=0.5))
     with pytest.raises(ValueError, match='resume=False'): prepare_run_dir(replace(c, resume=False))
     prepare_run_dir(replace(c, num_workers=1))      # run-only settings may change
 

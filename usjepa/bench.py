@@ -258,7 +258,7 @@ def _phantom_frames(ds, k=0):
 
 def _score_frames(ds, pred_seq):
     "Score per-sequence predictions (F, S, S) on the evaluation clips' valid frames (each frame once), as the pipeline does."
-    from usjepa.metrics import SegMetrics
+    from usjepa.scores import SegMetrics
     m = SegMetrics()
     for s, idx, valid in ds.items:
         q = ds.sequences[s]; lab = ds.arrays(s)[1]
