@@ -86,7 +86,8 @@ def _check_finite(stage, epoch, step, row, ckpt_path):
     if bad:
         kept = f"the last good checkpoint {ckpt_path} is kept" if Path(ckpt_path).exists() else "no checkpoint was written"
         raise FloatingPointError(f"{stage} diverged at epoch {epoch}, step {step}: {bad}; {kept}. "
-                                 "Lower the learning rate (or raise clip_grad) and resume.")
+                                 "This folder's parameters would diverge again: start a new run (another out_dir) with a lower "
+                                 "learning rate or a smaller clip_grad, or initialise it from this checkpoint.")
 
 def _mean(xs):
     "Plain mean (a NaN step shows as a NaN epoch, never hidden); NaN for no steps, without numpy's warning."
