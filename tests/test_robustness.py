@@ -49,7 +49,8 @@ def test_a_one_token_frame_is_refused_quickly(tmp_path):
 # 3 and 4. an init checkpoint that does not fit, or is no checkpoint, is refused before anything is written
 @pytest.fixture
 def tiny_checkpoint(tmp_path):
-    from usjepa.model import build_encoder, build_predictor, save_checkpoint
+    from usjepa.model import build_encoder, build_predictor
+    from usjepa.checkpoints import save_checkpoint
     enc = build_encoder('vit_tiny', img_size=TINY['img_size'], num_frames=TINY['num_frames'], patch_size=TINY['patch_size'])
     pred = build_predictor(enc, predictor_embed_dim=TINY['predictor_dim'], depth=TINY['predictor_depth'])
     return save_checkpoint(tmp_path / 'tiny.pt', enc, enc, pred)
