@@ -46,17 +46,22 @@ class UNet(nn.Module):
         return self.head(x)
 
 class ClipUNet(nn.Module):
-    "`UNet` on every frame of a clip `(B, C, T, H, W)` -> logits `(B, n_classes, T, H, W)`, seeing frames t-k..t+k."
+    "`UNet` on every distinct frame of a clip `(B, C, T, H, W)` -> logits `(B, n_classes, T, H, W)`, seeing frames t-k..t+k."
     def __init__(self, k=0, n_classes=4, base=16, depth=3):
         super().__init__()
         self.k, self.unet = int(k), UNet(2 * int(k) + 1, n_classes, base, depth)
 
     def forward(self, video):
         x = video[:, 0]                                               # grey echo: the channels are copies
-        T = x.shape[1]
+        B, T = x.shape[:2]
         idx = (torch.arange(T)[:, None] + torch.arange(-self.k, self.k + 1)[None]).clamp(0, T - 1).to(x.device)
         stacks = rearrange(x[:, idx], 'b t c h w -> (b t) c h w')     # frames t-k..t+k as channels
-        return rearrange(self.unet(stacks), '(b t) n h w -> b n t h w', t=T)
+        # a clip's padding repeats its last frame: run the U-Net once per distinct frame, copy the logits to repeats
+        new = torch.ones(B, T, dtype=torch.bool, device=x.device)
+        new[:, 1:] = (x[:, 1:] != x[:, :-1]).flatten(2).any(-1)
+        first = (torch.cumsum(new.flatten(), 0) - 1).view(B, T)        # each frame's distinct frame, counted over the batch
+        logits = self.unet(stacks[new.flatten()])[first.flatten()]
+        return rearrange(logits, '(b t) n h w -> b n t h w', t=T)
 
 # %% ../nbs/15_baselines.ipynb #3cbdb5a4
 class EndToEnd(nn.Module):

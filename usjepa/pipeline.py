@@ -24,6 +24,7 @@ from .model import build_encoder, build_predictor
 from .checkpoints import load_checkpoint, save_checkpoint
 from .vjepa import VJEPA, pretrain_step, schedule_at, param_groups, STEP_STATS
 from .localization import LocalizationLoss
+from .videomae import build_videomae, load_videomae, save_videomae, videomae_step, videomae_param_groups, VIDEOMAE_STATS
 from .metrics import ef_table, plot_ef
 from .scores import SegMetrics
 from .probe import SegmentationHead, freeze_encoder
@@ -64,13 +65,18 @@ def check_data(c: RunConfig, root) -> dict:
 
 # %% ../nbs/17_pipeline.ipynb #f61bd4e0
 def build_models(c: RunConfig):
-    "Encoder + predictor (+ init checkpoint) -> (VJEPA, load report or None)."
-    enc = build_encoder(c.model, img_size=c.img_size, num_frames=c.num_frames, patch_size=c.patch_size)
-    pred = build_predictor(enc, predictor_embed_dim=c.predictor_dim, depth=c.predictor_depth)
-    report = load_checkpoint(c.init_checkpoint, enc, pred, partial=c.init_partial) if c.init_checkpoint else None
-    enc.set_grad_checkpointing(c.activation_checkpointing)
-    pred.set_grad_checkpointing(c.activation_checkpointing)
-    model = VJEPA(enc, pred)
+    "What pretraining trains (`VJEPA`, or `VideoMAE` for videomae), its init checkpoint loaded -> (model, load report or None)."
+    geometry = dict(img_size=c.img_size, num_frames=c.num_frames, patch_size=c.patch_size)
+    if c.method == 'videomae':
+        model = build_videomae(c.model, decoder_dim=c.predictor_dim, decoder_depth=c.predictor_depth, **geometry)
+        report = load_videomae(c.init_checkpoint, model, partial=c.init_partial) if c.init_checkpoint else None
+        model.set_grad_checkpointing(c.activation_checkpointing)
+    else:
+        enc = build_encoder(c.model, **geometry)
+        pred = build_predictor(enc, predictor_embed_dim=c.predictor_dim, depth=c.predictor_depth)
+        report = load_checkpoint(c.init_checkpoint, enc, pred, partial=c.init_partial) if c.init_checkpoint else None
+        for m in (enc, pred): m.set_grad_checkpointing(c.activation_checkpointing)
+        model = VJEPA(enc, pred)                                  # the EMA target is a copy of the encoder
     if c.frozen_blocks: model.encoder.freeze_blocks(c.frozen_blocks)
     return model, report
 
@@ -94,7 +100,7 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else math.nan
 
 def pretrain(c: RunConfig, root, d: Dist = Dist(), on_epoch_end=None):
-    "V-JEPA (+ localization) pretraining with per-epoch checkpoints; returns the trained `VJEPA` model."
+    "V-JEPA (+ localization) or VideoMAE pretraining with per-epoch checkpoints; returns the trained model."
     out = Path(c.out_dir)
     ckpt_path, log_path = out / 'pretrain.pt', out / 'pretrain_log.jsonl'
     seed_everything(c.seed, 0)
@@ -103,13 +109,17 @@ def pretrain(c: RunConfig, root, d: Dist = Dist(), on_epoch_end=None):
         write_text_atomic(out / 'init_checkpoint_report.json', json.dumps(report, indent=1, default=str))
     model.to(d.device)
     aux = LocalizationLoss(model.encoder.embed_dim, model.grid, n_pairs=c.n_pairs).to(d.device) if c.lam < 1 else None
-    opt = torch.optim.AdamW(param_groups(model, c.weight_decay) + ([] if aux is None else param_groups(aux, c.weight_decay)),
+    mae = c.method == 'videomae'
+    groups = videomae_param_groups(model, c.weight_decay) if mae else param_groups(model, c.weight_decay)
+    opt = torch.optim.AdamW(groups + ([] if aux is None else param_groups(aux, c.weight_decay)),
                             **({'fused': True} if d.device.startswith('cuda') else {}))
     start = 0
     if ckpt_path.exists() and c.resume:
         ck = torch.load(ckpt_path, map_location='cpu', weights_only=True)
-        load_checkpoint(ckpt_path, model.encoder, model.predictor, which='encoder', strict=True)
-        load_checkpoint(ckpt_path, model.target_encoder, which='target_encoder', strict=True)
+        if mae: load_videomae(ckpt_path, model, strict=True)
+        else:
+            load_checkpoint(ckpt_path, model.encoder, model.predictor, which='encoder', strict=True)
+            load_checkpoint(ckpt_path, model.target_encoder, which='target_encoder', strict=True)
         opt.load_state_dict(ck['opt'])
         if aux is not None: aux.load_state_dict(ck['aux'])
         start = int(ck['epoch']) + 1
@@ -132,20 +142,25 @@ def pretrain(c: RunConfig, root, d: Dist = Dist(), on_epoch_end=None):
         for i, b in enumerate(dl):
             step = epoch * len(dl) + i
             video = b['video'].to(d.device, non_blocking=True)
-            masks = [(ci.to(d.device), ti.to(d.device)) for ci, ti in vjepa_masks(len(video), model.grid, generator=gen)]
             sched = schedule_at(step, steps, warm, start_lr=c.start_lr, ref_lr=c.lr, final_lr=c.final_lr, wd=c.weight_decay,
                                 final_wd=c.final_weight_decay, ema=(c.ema_start, c.ema_end), ipe_scale=c.ipe_scale)
-            r = pretrain_step(dmodel, video, masks, opt, aux=daux, lam=c.lam, clip_grad=clip, amp_dtype=dtype, **sched)
+            if mae:                                                   # tube masks drawn inside the step; no EMA
+                r = videomae_step(dmodel, video, opt, lr=sched['lr'], wd=sched['wd'], ratio=c.mae_ratio, clip_grad=clip,
+                                  amp_dtype=dtype, generator=gen)
+            else:
+                masks = [(ci.to(d.device), ti.to(d.device)) for ci, ti in vjepa_masks(len(video), model.grid, generator=gen)]
+                r = pretrain_step(dmodel, video, masks, opt, aux=daux, lam=c.lam, clip_grad=clip, amp_dtype=dtype, **sched)
             _check_finite('pretrain', epoch, i, r, ckpt_path)
             rows.append(r)
-        row = dict(epoch=epoch, step=(epoch + 1) * len(dl), **{k: _mean([r[k] for r in rows]) for k in STEP_STATS},
+        row = dict(epoch=epoch, step=(epoch + 1) * len(dl), **{k: _mean([r[k] for r in rows]) for k in (VIDEOMAE_STATS if mae else STEP_STATS)},
                    lr=opt.param_groups[0]['lr'])
         bar.set_postfix(loss=f"{row['loss']:.4f}")
         if d.is_main:
             append_jsonl(log_path, row)      # the row first: a resume drops rows past the checkpoint, never loses one
-            save_checkpoint(ckpt_path, model.encoder, model.target_encoder, model.predictor, opt=opt, epoch=epoch,
-                            loss=row['loss'], lr=row['lr'], batch_size=c.batch_size, world_size=d.world,
-                            **({} if aux is None else dict(aux=aux)))
+            meta = dict(opt=opt, epoch=epoch, loss=row['loss'], lr=row['lr'], batch_size=c.batch_size, world_size=d.world)
+            if mae: save_videomae(ckpt_path, model, **meta)
+            else: save_checkpoint(ckpt_path, model.encoder, model.target_encoder, model.predictor, **meta,
+                                  **({} if aux is None else dict(aux=aux)))
         d.barrier()
         if on_epoch_end is not None: on_epoch_end('pretrain', epoch, row)
     return model
@@ -187,7 +202,8 @@ def train_segmenter(c: RunConfig, root, encoder, d: Dist = Dist(), on_epoch_end=
         start = int(ck['epoch']) + 1
     if d.is_main: truncate_jsonl(log_path, 'epoch', start)
     if start >= c.probe_epochs: return head
-    ds = clips(c, root, 'train', 'eval', label_fraction=c.label_fraction)
+    mode = 'eval' if encoder is not None else 'train'   # end to end: a random, augmented clip per sequence each epoch
+    ds = clips(c, root, 'train', mode, label_fraction=c.label_fraction)
     dtype = amp_dtype(c.precision, d.device)
     shard = torch.utils.data.Subset(ds, _shard(len(ds), d))
     feats = shard if encoder is None else FeatureCache(encoder, shard, batch_size=c.probe_batch_size, device=d.device,
@@ -241,7 +257,8 @@ def run(c: RunConfig, on_epoch_end=None) -> dict:
     n_clips = check_data(c, root) if d.is_main else None
     encoder = None                          # end-to-end baselines: no pretraining, nothing frozen
     if c.method not in END_TO_END:
-        encoder = pretrain(c, root, d, on_epoch_end).target_encoder     # V-JEPA evaluates the EMA (target) encoder
+        model = pretrain(c, root, d, on_epoch_end)
+        encoder = model.encoder if c.method == 'videomae' else model.target_encoder   # V-JEPA evaluates the EMA encoder
     head = train_segmenter(c, root, encoder, d, on_epoch_end)
     res = dict(out_dir=str(out), rank_fingerprints=gather_fingerprints(d, *[m for m in (encoder, head) if m is not None]))
     if d.is_main:

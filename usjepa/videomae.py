@@ -263,8 +263,9 @@ def _read(src):
     with (allow([argparse.Namespace]) if allow else contextlib.nullcontext()):
         return open_checkpoint(path), path
 
-def load_videomae(src, model, partial=False, strict=False) -> dict:
-    "Load VideoMAE weights (original `.pth`, Hugging Face `.bin`/`.safetensors`, or a state dict) into a `VideoMAE` or `VideoMAEEncoder`."
+def load_videomae(src, model, partial=False, strict=False, load=True) -> dict:
+    """Load VideoMAE weights (original `.pth`, Hugging Face `.bin`/`.safetensors`, or a state dict) into a `VideoMAE` or
+    `VideoMAEEncoder`. `load=False` only checks (the run configuration does so against a model on the `meta` device)."""
     ckpt, path = _read(src)
     source = next((k for k in ('model', 'module', 'state_dict') if isinstance(ckpt.get(k), dict)), None)
     if source is None and not all(torch.is_tensor(v) for v in ckpt.values()):
@@ -282,7 +283,7 @@ def load_videomae(src, model, partial=False, strict=False) -> dict:
         raise ValueError(f"{e} [{layout} layout]{hint}") from None
     odd = [k for k in report['unexpected'] if re.match(r'(encoder\.|decoder\.)?blocks\.', k)]
     if odd: raise ValueError(f"{path}: block weights the {what} has no place for, e.g. {odd[:3]} (layer scale? a key bias?); nothing was loaded")
-    model.load_state_dict({k: state[k] for k in fitting}, strict=False)
+    if load: model.load_state_dict({k: state[k] for k in fitting}, strict=False)
     return dict(path=str(path), layout=layout, source=source, fixed=fixed, **report)
 
 def save_videomae(path, model, **extra):
