@@ -49,7 +49,9 @@ def test_bad_parameters_are_named_before_any_work(tmp_path):
     for k, v in cases.items():
         with pytest.raises(ValueError, match=f"{k}="): validate(tiny(tmp_path, **{k: v}))
     with pytest.raises(ValueError, match='resume'): validate(tiny(tmp_path, resume='no'))   # a string would be truthy
-    with pytest.raises(NotImplementedError, match='videomae'): validate(tiny(tmp_path, method='videomae'))
+    with pytest.raises(ValueError, match='mae_ratio=1.0'): validate(tiny(tmp_path, method='videomae', mae_ratio=1.0))
+    with pytest.raises(ValueError, match='unet_frames=2'): validate(tiny(tmp_path, method='unet', unet_frames=2))
+    with pytest.raises(ValueError, match='trains from scratch'): validate(tiny(tmp_path, method='unet', init_checkpoint='x.pt'))
     assert not (tmp_path / 'run').exists()          # nothing was written
 
 def test_grad_clipping_starts_after_warmup_as_vjepa():
