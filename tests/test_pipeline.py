@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest, torch
 
 from usjepa.config import RunConfig, validate, prepare_run_dir, PAPER_PRESET
-from usjepa.pipeline import run, launch, grad_clip_at
+from usjepa.pipeline import run, launch
+from usjepa.stages import grad_clip_at
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(synthetic_patients=6, synthetic_size=64, img_size=32, patch_size=8, num_frames=4, frame_step=2,
@@ -61,12 +62,12 @@ def test_grad_clipping_starts_after_warmup_as_vjepa():
     assert grad_clip_at(RunConfig(warmup_epochs=0, clip_grad=0.), 5) is None
 
 def test_pretraining_passes_the_clip_per_epoch(tmp_path, monkeypatch):
-    import usjepa.pipeline
-    seen, real = [], usjepa.pipeline.pretrain_step
-    monkeypatch.setattr(usjepa.pipeline, 'pretrain_step', lambda *a, **kw: seen.append(kw['clip_grad']) or real(*a, **kw))
+    import usjepa.stages
+    seen, real = [], usjepa.stages.pretrain_step
+    monkeypatch.setattr(usjepa.stages, 'pretrain_step', lambda *a, **kw: seen.append(kw['clip_grad']) or real(*a, **kw))
     c = validate(tiny(tmp_path, warmup_epochs=0, clip_grad=3.))
     prepare_run_dir(c)
-    usjepa.pipeline.pretrain(c, usjepa.pipeline.prepare_data(c))
+    usjepa.stages.pretrain(c, usjepa.stages.prepare_data(c))
     half = len(seen) // 2
     assert half > 0 and seen == [None] * half + [3.] * half    # epoch 0 unclipped (0 > 0 is false), epoch 1 clipped
 

@@ -13,14 +13,14 @@ def _weights(path): return torch.load(path, weights_only=True)['target_encoder']
 
 # 1. a NaN loss stops the run before anything is saved; the last good checkpoint stays
 def test_divergence_stops_before_saving_and_keeps_the_good_checkpoint(tmp_path, monkeypatch):
-    import usjepa.pipeline
+    import usjepa.stages
     c = tiny(tmp_path, pretrain_epochs=3)
-    real = usjepa.pipeline.pretrain_step
+    real = usjepa.stages.pretrain_step
     def step(*a, **kw): return {**real(*a, **kw), 'loss': float('nan')}   # NaN at the first step after the resume
     with pytest.raises(KeyboardInterrupt):                                  # a good epoch 0, then stop
         run(c, on_epoch_end=lambda s, e, row: (_ for _ in ()).throw(KeyboardInterrupt))
     good = _weights(tmp_path / 'run' / 'pretrain.pt')
-    monkeypatch.setattr(usjepa.pipeline, 'pretrain_step', step)
+    monkeypatch.setattr(usjepa.stages, 'pretrain_step', step)
     with pytest.raises(FloatingPointError, match=r'pretrain diverged at epoch 1, step 0.*last good checkpoint'):
         run(c)
     ck = torch.load(tmp_path / 'run' / 'pretrain.pt', weights_only=True)
@@ -108,17 +108,17 @@ def test_temporaries_of_killed_writers_are_removed(tmp_path):
 
 # 8. the log row is written before the checkpoint, and a torn last line does not stop a resume
 def test_a_kill_between_row_and_checkpoint_loses_no_row(tmp_path, monkeypatch):
-    import usjepa.pipeline
+    import usjepa.stages
     c = tiny(tmp_path)
     ref = run(tiny(tmp_path, 'ref'))
-    real = usjepa.pipeline.save_checkpoint
+    real = usjepa.stages.save_checkpoint
     def dies_on_epoch_1(*a, **kw):
         if kw['epoch'] == 1: raise KeyboardInterrupt          # killed after the row, before the checkpoint
         return real(*a, **kw)
-    monkeypatch.setattr(usjepa.pipeline, 'save_checkpoint', dies_on_epoch_1)
+    monkeypatch.setattr(usjepa.stages, 'save_checkpoint', dies_on_epoch_1)
     with pytest.raises(KeyboardInterrupt): run(c)
     assert [json.loads(l)['epoch'] for l in (tmp_path / 'run' / 'pretrain_log.jsonl').read_text().splitlines()] == [0, 1]
-    monkeypatch.setattr(usjepa.pipeline, 'save_checkpoint', real)
+    monkeypatch.setattr(usjepa.stages, 'save_checkpoint', real)
     with open(tmp_path / 'run' / 'pretrain_log.jsonl', 'a') as f: f.write('{"epoch": 2, "lo')   # and a torn line
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')

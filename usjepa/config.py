@@ -16,7 +16,7 @@ from .data import VIEWS, find_camus_root
 import torch
 from .masking import check_mask_grid
 from .model import MODEL_SIZES, build_encoder, build_predictor
-from .checkpoints import check_checkpoint
+from .checkpoints import check_checkpoint, open_checkpoint
 from .videomae import build_videomae, load_videomae
 
 # %% ../nbs/16_config.ipynb #de9cee9d
@@ -72,6 +72,7 @@ class RunConfig:
     probe_lr: float = 1e-3          # cosine from probe_lr to 0 (the paper's setting)
     probe_batch_size: int = 8
     probe_dim: int = 192            # width of the attentive probe
+    pretrained_run: str = ''        # '' or a finished run folder with this run's pretraining parameters: probe its encoder, skip pretraining
     # evaluation
     eval_resolution: str = 'native' # native (each file's own size and spacing, as CAMUS) | input (the network's img_size)
     # run
@@ -89,6 +90,9 @@ class RunConfig:
     progress: bool = True           # progress bars
 
     # fields that do not change what a run computes: they may differ when resuming
+    # fields that do not change the pretraining: runs that differ only in these can share one (`pretrained_run`)
+    PROBE_ONLY = ('label_fraction', 'probe_epochs', 'probe_lr', 'probe_batch_size', 'probe_dim', 'eval_resolution',
+                  'unet_base', 'unet_frames', 'pretrained_run')
     RUN_ONLY = ('resume', 'num_workers', 'progress', 'device', 'out_dir', 'nproc_per_node', 'nnodes', 'node_rank',
                 'master_addr', 'master_port', 'activation_checkpointing')
 
@@ -193,7 +197,21 @@ def _input_problems(c: RunConfig) -> list:
             if c.method == 'videomae': load_videomae(c.init_checkpoint, mae, partial=c.init_partial, load=False)
             else: check_checkpoint(c.init_checkpoint, enc, None if c.method == 'supervised' else pred, partial=c.init_partial)
         except (ValueError, FileNotFoundError) as e: p.append(f"init_checkpoint={c.init_checkpoint!r}: {e}")
+    if c.pretrained_run: p += _pretrained_run_problems(c)
     return p
+
+def _pretrained_run_problems(c: RunConfig) -> list:
+    "A `pretrained_run` must hold a finished pretraining whose parameters are this run's (all but `PROBE_ONLY`)."
+    run, name = Path(c.pretrained_run), f"pretrained_run={c.pretrained_run!r}"
+    if c.method in END_TO_END: return [f"{name}: method={c.method!r} has no pretraining to reuse"]
+    missing = [f for f in ('config.json', 'pretrain.pt') if not (run / f).is_file()]
+    if missing: return [f"{name}: no {' or '.join(missing)} there (the folder of a finished pretraining is needed)"]
+    old, new = asdict(load_config(run / 'config.json')), asdict(c)
+    diff = [k for k in new if k not in RunConfig.RUN_ONLY + RunConfig.PROBE_ONLY and old.get(k) != new[k]]
+    if diff: return [f"{name} was pretrained with other parameters: " + ', '.join(f"{k}={old.get(k)!r} there, {new[k]!r} here" for k in diff)]
+    epoch = open_checkpoint(run / 'pretrain.pt').get('epoch', -1)
+    if int(epoch) + 1 < c.pretrain_epochs: return [f"{name}: its pretraining stopped after epoch {int(epoch) + 1} of {c.pretrain_epochs}"]
+    return []
 
 # %% ../nbs/16_config.ipynb #86c54cd8
 def validate(c: RunConfig) -> RunConfig:
