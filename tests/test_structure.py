@@ -34,3 +34,10 @@ def test_each_notebook_starts_with_its_one_idea():
         assert cells(p)[0]['cell_type'] == 'markdown' and first.startswith('# '), p.name
         assert re.search(r'^> \S', first, re.M), f"{p.name}: the first cell needs a '> one idea' line"
         assert module_of(p), f"{p.name} exports no module"
+
+def test_links_between_notebooks_resolve():
+    "A markdown link to another notebook names a notebook that exists (renumbering breaks them otherwise)."
+    link = re.compile(r'\]\((?![a-z]+:|/|#)([^)#]+\.ipynb)(?:#[^)]*)?\)')
+    bad = [f"{p.name} -> {t}" for p in sorted(NBS.glob('*.ipynb')) for c in cells(p) if c['cell_type'] == 'markdown'
+           for t in link.findall(src(c)) if not (NBS / t).exists()]
+    assert not bad, bad

@@ -1,0 +1,25 @@
+"The viewers in a real kernel: a static figure where no widget frontend runs (papermill), a widget under a Jupyter server."
+import json, os, subprocess, sys
+import pytest
+
+CELL = ("import numpy as np\nfrom usjepa.viz import masking_viewer\n"
+        "masking_viewer(np.random.default_rng(0).integers(0, 255, (4, 32, 32), dtype=np.uint8), patch=16)")
+
+def run_papermill(tmp_path, env):
+    nbformat = pytest.importorskip('nbformat'); pytest.importorskip('papermill')
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(CELL)])
+    nb.metadata['kernelspec'] = dict(name='python3', display_name='python3', language='python')
+    src, out = tmp_path / 'in.ipynb', tmp_path / 'out.ipynb'
+    nbformat.write(nb, src)
+    subprocess.run([sys.executable, '-m', 'papermill', str(src), str(out), '-k', 'python3', '--no-progress-bar'],
+                   check=True, env=env, capture_output=True)
+    return {k for o in json.loads(out.read_text())['cells'][0]['outputs'] for k in o.get('data', {})}
+
+def test_papermill_keeps_a_static_figure(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != 'JPY_SESSION_NAME'}
+    kinds = run_papermill(tmp_path, env)
+    assert kinds & {'image/png', 'image/jpeg'} and 'application/vnd.jupyter.widget-view+json' not in kinds, kinds
+
+def test_a_jupyter_server_kernel_gets_the_widget(tmp_path):
+    kinds = run_papermill(tmp_path, {**os.environ, 'JPY_SESSION_NAME': str(tmp_path / 'in.ipynb')})   # as jupyter_server sets it
+    assert 'application/vnd.jupyter.widget-view+json' in kinds, kinds
