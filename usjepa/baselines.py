@@ -12,7 +12,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from einops import rearrange
-from tqdm.auto import tqdm
+from .core import progress_bar
 
 from .data import CamusClips, parse_cfg
 from .phantom import write_camus_phantom
@@ -113,7 +113,7 @@ def fit_frames(model, X, Y, epochs, batch, lr, seed, desc, progress, prep=lambda
     per_epoch = max(1, len(X) // batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * per_epoch, pct_start=0.1)
     model.train()
-    with tqdm(total=epochs * per_epoch, desc=desc, disable=not progress, leave=False) as bar:
+    with progress_bar(total=epochs * per_epoch, desc=desc, disable=not progress, leave=False) as bar:
         for _ in range(epochs):
             perm = torch.randperm(len(X), generator=g).numpy()
             for i in range(per_epoch):

@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 # %% auto #0
 __all__ = ['atomic_write', 'write_text_atomic', 'remove_stale_temporaries', 'save_torch', 'resolve_device', 'amp_dtype',
            'seed_everything', 'append_jsonl', 'read_jsonl', 'truncate_jsonl', 'Dist', 'init_distributed', 'ddp',
-           'fingerprint', 'gather_fingerprints']
+           'fingerprint', 'gather_fingerprints', 'widgets_live', 'progress_bar']
 
 # %% ../nbs/00_core.ipynb #a90d33ce
 @contextmanager
@@ -164,3 +164,25 @@ def gather_fingerprints(d: Dist, *modules) -> list:
     out = [None] * d.world
     dist.all_gather_object(out, fp)
     return out
+
+# %% ../nbs/00_core.ipynb #954f3c47
+def widgets_live() -> bool:
+    "Does a widget front end show this kernel's output? A Jupyter server's kernel (JupyterLab, Notebook) or VS Code's, yes."
+    try:
+        import ipywidgets  # noqa: F401
+        from IPython import get_ipython
+        ip = get_ipython()
+        if ip is None or 'IPKernelApp' not in getattr(ip, 'config', {}): return False
+        # papermill and nbconvert run a kernel too, with no front end: a Jupyter server names its kernels' sessions
+        return bool(os.environ.get('JPY_SESSION_NAME')) or '__vsc_ipynb_file__' in ip.user_ns
+    except Exception:
+        return False
+
+def progress_bar(iterable=None, **kw):
+    "A tqdm bar: a widget where a front end draws it (`widgets_live`), else text, refreshed at most every 2 s."
+    if widgets_live():
+        from tqdm.notebook import tqdm
+    else:
+        from tqdm.std import tqdm
+        kw.setdefault('mininterval', 2.0)
+    return tqdm(iterable, **kw)

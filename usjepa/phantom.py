@@ -228,7 +228,7 @@ def write_camus_phantom(root, n_patients=60, seed=0, size=(256, 256), views=('2C
     """Write a synthetic data set in the CAMUS 2023 on-disk layout under `root`; returns `root` (a Path).
     `size` is an int (square) or (H, W); `params` the realism knobs (`PhantomParams`, default: the defaults).
     Each cfg's `EF` is measured by `biplane_volume` on the patient's own ED/ES masks (see `make_patient`)."""
-    from tqdm.auto import tqdm
+    from usjepa.core import progress_bar
     root = Path(root)
     views = tuple(views)
     bad = [v for v in views if v not in VIEW_IDS]
@@ -252,7 +252,7 @@ def write_camus_phantom(root, n_patients=60, seed=0, size=(256, 256), views=('2C
     root.mkdir(parents=True, exist_ok=True); db.mkdir(exist_ok=True)
     _write_manifest(mpath, {**manifest, 'complete': False})
     ids = [f"patient{i:04d}" for i in range(1, int(n_patients) + 1)]
-    for i, pid in enumerate(tqdm(ids, disable=not progress, desc='phantom'), start=1):
+    for i, pid in enumerate(progress_bar(ids, disable=not progress, desc='phantom'), start=1):
         final = db / pid
         if final.exists(): continue                              # written by an interrupted earlier call
         tmp = db / f"{pid}.tmp"

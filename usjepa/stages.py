@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
-from tqdm.auto import tqdm
+from .core import progress_bar
 
 from .core import (Dist, ddp, amp_dtype, seed_everything, append_jsonl,
                          truncate_jsonl, save_torch, write_text_atomic)
@@ -57,7 +57,7 @@ def check_data(c: RunConfig, root) -> dict:
         try: ds = CamusClips(root, split=split, views=tuple(c.views.split(',')), img_size=c.img_size,
                              num_frames=c.num_frames, frame_step=c.frame_step, mode='eval', seed=c.seed, cache=False)
         except (FileNotFoundError, ValueError) as e: raise ValueError(f"the {split} split of {root} is unusable: {e}") from e
-        for s in tqdm(range(len(ds.sequences)), desc=f'checking {split} data', disable=not c.progress, leave=False):
+        for s in progress_bar(range(len(ds.sequences)), desc=f'checking {split} data', disable=not c.progress, leave=False):
             ds.arrays(s)
         counts[split] = len(ds)
     return counts
@@ -131,7 +131,7 @@ def pretrain(c: RunConfig, root, d: Dist = Dist(), on_epoch_end=None):
     steps, warm = c.pretrain_epochs * len(dl), c.warmup_epochs * len(dl)
     dmodel, daux = ddp(model, d), (None if aux is None else ddp(aux, d))
     dtype = amp_dtype(c.precision, d.device)
-    bar = tqdm(range(start, c.pretrain_epochs), desc='pretrain', disable=not (c.progress and d.is_main))
+    bar = progress_bar(range(start, c.pretrain_epochs), desc='pretrain', disable=not (c.progress and d.is_main))
     for epoch in bar:
         seed_everything(c.seed, 1, epoch, d.rank)
         sampler.set_epoch(epoch)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from .core import progress_bar
 from .metrics import native_labels
 from .scores import SegMetrics
 from .core import save_torch
@@ -64,7 +64,7 @@ class FeatureCache(torch.utils.data.Dataset):
         encoder.to(device)
         dl = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
         out = {k: [] for k in self.keys + ('patient', 'view')}
-        bar = tqdm(total=len(dl) * repeats, desc='encoding clips', disable=not progress)
+        bar = progress_bar(total=len(dl) * repeats, desc='encoding clips', disable=not progress)
         for _ in range(repeats):
             for b in dl:
                 out['features'].append(frozen_features(encoder, b['video'].to(device), amp_dtype).to('cpu', dtype))
@@ -160,7 +160,7 @@ def train_probe(head, data, epochs=20, lr=1e-3, final_lr=0.0, weight_decay=0.01,
     n_batches = math.ceil(len(data) / batch_size)
     total = epochs * n_batches
     hist, t0 = dict(loss=[], lr=[], seconds=0.0), time.perf_counter()
-    bar = tqdm(range(start_epoch, epochs), desc='probe', disable=not progress)
+    bar = progress_bar(range(start_epoch, epochs), desc='probe', disable=not progress)
     for epoch in bar:
         gen = epoch_generator(epoch) if epoch_generator is not None else generator
         dl = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, generator=gen, num_workers=num_workers)
@@ -207,7 +207,7 @@ def evaluate(head, data, encoder=None, metrics=None, batch_size=4, amp_dtype=Non
     metrics = metrics if metrics is not None else SegMetrics()
     device = next(head.parameters()).device
     if encoder is not None: freeze_encoder(encoder).to(device)
-    for b in tqdm(_loader(data, batch_size, False, num_workers=num_workers), desc='evaluate', disable=not progress):
+    for b in progress_bar(_loader(data, batch_size, False, num_workers=num_workers), desc='evaluate', disable=not progress):
         logits = predict_logits(head, _batch_features(b, encoder, device, amp_dtype), amp_dtype=amp_dtype).cpu()
         if reference is None:
             metrics.update(logits.argmax(1), b['labels'], b.get('valid'), ids=b if 'patient' in b else None)

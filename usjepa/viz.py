@@ -4,12 +4,12 @@
 
 # %% ../nbs/12_viz.ipynb #b0b54538
 from __future__ import annotations
-import os
 from pathlib import Path
 import numpy as np
 import torch
 import matplotlib
 import matplotlib.pyplot as plt
+from .core import widgets_live
 from .data import MEAN, STD
 from .masking import vjepa_masks, tube_mask
 from .checkpoints import open_checkpoint
@@ -81,17 +81,7 @@ def show_frames(video, labels=None, pred=None, frames=None, n=4, alpha=0.4, titl
     return fig
 
 # %% ../nbs/12_viz.ipynb #995b93e5
-def _widgets_ok():
-    "Does a widget frontend show this kernel's output? A Jupyter server's kernel (JupyterLab, Notebook) or VS Code's, yes."
-    try:
-        import ipywidgets  # noqa: F401
-        from IPython import get_ipython
-        ip = get_ipython()
-        if ip is None or 'IPKernelApp' not in getattr(ip, 'config', {}): return False
-        # papermill and nbconvert run a kernel too, with no frontend: a Jupyter server names its kernels' sessions
-        return bool(os.environ.get('JPY_SESSION_NAME')) or '__vsc_ipynb_file__' in ip.user_ns
-    except Exception:
-        return False
+def _widgets_ok(): return widgets_live()     # one rule for widgets, shared with the progress bars (`usjepa.core`)
 
 def _is_static(static=None):
     "Draw a static figure? `static` if given, else whenever no widget frontend runs."
