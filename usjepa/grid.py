@@ -4,7 +4,7 @@
 
 # %% ../nbs/20_grid.ipynb #07229803
 from __future__ import annotations
-import json, traceback
+import json, math, time, traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,22 +101,24 @@ def papermill_execute(notebook, output, parameters):
 
 def run_grid(jobs, out_root, notebook='nbs/train.ipynb', execute=papermill_execute, progress=True) -> dict:
     "Run every job that has no result; returns {name: 'done' | 'ran' | 'failed' | 'blocked'} for this pass."
-    from usjepa.core import progress_bar
     out_root, result = Path(out_root), {}
     bad = [j.name for j in jobs if Path(j.params['out_dir']) != out_root / j.name]
     if bad: raise ValueError(f"jobs {bad[:3]} were planned for another out_root than {out_root}")
-    for job in progress_bar(jobs, desc='grid', disable=not progress):
+    for i, job in enumerate(jobs, 1):
         d = out_root / job.name
         if status(job, out_root) == 'done': result[job.name] = 'done'; continue
         if job.reuses and status(Job(job.reuses, {}), out_root) != 'done': result[job.name] = 'blocked'; continue
         d.mkdir(parents=True, exist_ok=True)
         (d / 'error.txt').unlink(missing_ok=True)
+        t0 = time.time()
         try:
             execute(notebook, d / 'train.ipynb', {**job.params, 'progress': False})
             result[job.name] = 'ran' if status(job, out_root) == 'done' else 'failed'
         except Exception as e:                              # one failed run must not stop the grid
-            (d / 'error.txt').write_text(f"{type(e).__name__}: {e}\n\n{traceback.format_exc()}")
+            first = f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', e)}"   # papermill: the notebook's error
+            (d / 'error.txt').write_text(f"{first}\n\n{traceback.format_exc()}")
             result[job.name] = 'failed'
+        if progress: print(f"[{i}/{len(jobs)}] {job.name}: {result[job.name]} in {time.time() - t0:.0f} s", flush=True)
     return result
 
 # %% ../nbs/20_grid.ipynb #c578deeb
@@ -149,7 +151,7 @@ def seed_table(rows, metric='dsc', split='test', cls='paper:mean', digits=3) -> 
     "Markdown: configuration x label fraction, mean ± sd across seeds (n seeds), failed or missing runs named."
     fracs = sorted({r['label_fraction'] for r in rows}, reverse=True)
     configs = list(dict.fromkeys(config_name(r) for r in rows))
-    lines = ['| configuration | ' + ' | '.join(f'{f:g} labels' for f in fracs) + ' |', '|---' * (len(fracs) + 1) + '|']
+    lines = ['| configuration | ' + ' | '.join(f'{f:.0%} labels' for f in fracs) + ' |', '|---' * (len(fracs) + 1) + '|']
     for c in configs:
         cells = []
         for f in fracs:
@@ -195,12 +197,16 @@ def compare_table(cmp, rows, metric='dsc', cls='paper:mean') -> str:
         same_sign = all(np.sign(c['diff']) == np.sign(d.mean()) for c in cs)
         real = len(cs) > 1 and abs(d.mean()) > spread and same_sign and all(c['p_sequence'] < 0.05 for c in cs)
         sd = d.std(ddof=1) if len(d) > 1 else float('nan')
-        lines.append(f"| {lam:g} | {fb} | {lf:g} | {d.mean():+.3f} ± {sd:.3f} (n={len(d)}) | {spread:.3f} | "
+        lines.append(f"| {lam:g} | {fb} | {lf:.0%} | {d.mean():+.3f} ± {sd:.3f} (n={len(d)}) | {spread:.3f} | "
                      + ', '.join(f"{c['p_frame']:.2g}" for c in cs) + ' | ' + ', '.join(f"{c['p_sequence']:.2g}" for c in cs)
                      + f" | {'real' if real else 'not shown'} |")
     return '\n'.join(lines)
 
 # %% ../nbs/20_grid.ipynb #92c60d81
+def _mean(xs):
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    return float(np.mean(xs)) if xs else float('nan')
+
 def ef_rows(rows) -> str:
     "Markdown: EF MAE, bias and r (predicted vs reference masks) per configuration and label fraction, mean over seeds."
     lines = ['| configuration | labels | EF MAE (%) | bias (%) | r | n runs |', '|---|---|---|---|---|---|']
@@ -209,8 +215,8 @@ def ef_rows(rows) -> str:
         ef = (r.get('test') or {}).get('EF', {}).get('ef') if r['status'] == 'done' else None
         if ef: groups.setdefault((config_name(r), r['label_fraction']), []).append(ef)
     for (c, lf), efs in groups.items():
-        m = lambda k: np.nanmean([e[k] if e[k] is not None else np.nan for e in efs])
-        lines.append(f"| {c} | {lf:g} | {m('mae'):.1f} | {m('bias'):+.1f} | {m('r'):.2f} | {len(efs)} |")
+        m = lambda k: _mean([e.get(k) for e in efs])
+        lines.append(f"| {c} | {lf:.0%} | {m('mae'):.1f} | {m('bias'):+.1f} | {m('r'):.2f} | {len(efs)} |")
     return '\n'.join(lines)
 
 def figure2(rows, out_root, fractions=None, seed=0, n_clips=3, frame=9, device='cpu'):

@@ -1,0 +1,41 @@
+"The experiment grid through papermill: a tiny grid end to end, re-running fills only gaps, a failed job is reported and blocks its probe jobs."
+import json
+from pathlib import Path
+
+from usjepa.grid import PRESETS, plan, check_plan, run_grid, collect, seed_table, compare, compare_table, ef_rows, figure2
+
+NB = Path(__file__).resolve().parents[1] / 'nbs' / 'train.ipynb'
+TINY = {**PRESETS['tiny'], 'methods': ('unet', 'vjepa'), 'label_fractions': (1.0, 0.5)}
+
+
+def test_a_tiny_grid_end_to_end(tmp_path):
+    jobs = check_plan(plan(TINY, tmp_path))
+    assert [j.name for j in jobs] == ['unet-lf1-seed0', 'unet-lf0.5-seed0', 'vjepa-fb0-lf1-seed0', 'vjepa-fb0-lf0.5-seed0']
+    assert run_grid(jobs, tmp_path, notebook=NB, progress=False) == {j.name: 'ran' for j in jobs}
+    probe = tmp_path / 'vjepa-fb0-lf0.5-seed0'
+    cfg = json.loads((probe / 'config.json').read_text())
+    assert cfg['pretrained_run'] == str(tmp_path / 'vjepa-fb0-lf1-seed0') and cfg['label_fraction'] == 0.5
+    assert not (probe / 'pretrain.pt').exists() and (tmp_path / 'vjepa-fb0-lf1-seed0' / 'pretrain.pt').exists()
+    assert (probe / 'train.ipynb').exists()                                    # the executed report of each job
+    rows = collect(jobs, tmp_path)
+    assert all(r['status'] == 'done' and 0 <= r['test']['paper:mean']['dsc']['mean'] <= 1 for r in rows)
+    table = seed_table(rows)
+    assert '| U-Net |' in table and '| V-JEPA fb0 |' in table and '100% labels' in table and '50% labels' in table
+    assert 'EF MAE' in ef_rows(rows)
+    fig = figure2(rows, tmp_path, n_clips=2)
+    assert len(fig.axes) == 2 * (1 + len(jobs))                               # reference + every run, per clip
+    called = []
+    assert set(run_grid(jobs, tmp_path, notebook=NB, progress=False,
+                        execute=lambda *a: called.append(a)).values()) == {'done'} and not called   # nothing to fill
+
+
+def test_a_failing_pretraining_is_reported_and_blocks_its_probe_jobs(tmp_path):
+    preset = {**TINY, 'methods': ('vjepa',), 'base': {**TINY['base'], 'lr': 1e6, 'start_lr': 1e6, 'final_lr': 1e6}}
+    jobs = check_plan(plan(preset, tmp_path))
+    r = run_grid(jobs, tmp_path, notebook=NB, progress=False)
+    assert r == {'vjepa-fb0-lf1-seed0': 'failed', 'vjepa-fb0-lf0.5-seed0': 'blocked'}
+    assert 'diverged' in (tmp_path / 'vjepa-fb0-lf1-seed0' / 'error.txt').read_text()
+    rows = collect(jobs, tmp_path)
+    assert [r['status'] for r in rows] == ['failed', 'todo'] and 'diverged' in rows[0]['error']
+    assert 'not done' in seed_table(rows)                                     # the table says what is missing
+    assert compare(rows) == [] and compare_table([], rows).count('\n') == 1
