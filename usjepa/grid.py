@@ -4,7 +4,8 @@
 
 # %% ../nbs/20_grid.ipynb #07229803
 from __future__ import annotations
-import json, math, time, traceback
+import json, math, os, sys, time, traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,10 +95,24 @@ def status(job: Job, out_root) -> str:
     if (d / 'metrics.json').is_file() and (d / 'summary.json').is_file(): return 'done'
     return 'failed' if (d / 'error.txt').is_file() else 'todo'
 
+@contextmanager
+def _stderr_to(path):
+    "Send this process's file descriptor 2 (where papermill's kernels write their own warnings) to `path`."
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, 'a') as f:
+        os.dup2(f.fileno(), 2)
+        try: yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
 def papermill_execute(notebook, output, parameters):
     "Run the training notebook with `parameters`, saving the executed copy at `output`."
     import papermill as pm
-    pm.execute_notebook(str(notebook), str(output), parameters=parameters, progress_bar=False, log_output=False)
+    with _stderr_to(Path(output).with_name('kernel.log')):          # keeps the grid's report free of kernel noise
+        pm.execute_notebook(str(notebook), str(output), parameters=parameters, progress_bar=False, log_output=False)
 
 def run_grid(jobs, out_root, notebook='nbs/train.ipynb', execute=papermill_execute, progress=True) -> dict:
     "Run every job that has no result; returns {name: 'done' | 'ran' | 'failed' | 'blocked'} for this pass."
