@@ -65,14 +65,18 @@ def _timed(step, steps, warmup, dev):
     _sync(dev)
     return (time.perf_counter() - t0) / steps, _peak_memory_mb(dev), out
 
-def bench_step(model='vit_tiny', img_size=112, frames=16, batch=4, lam=1.0, steps=10, warmup=3, device='auto',
-               amp=None, peak_tflops=989., pred_depth=12, pred_dim=384, freeze=0, n_pairs=100, seed=0, checkpointing=False):
-    "Time `pretrain_step`; returns dict with ms_per_step, clips_per_s, peak_mem_mb, flops_per_step, mfu (GPU)."
+def _setup(model, steps, batch, device, amp, seed):
+    "Check a step benchmark's arguments, seed, and pick the device and autocast dtype (bf16 on CUDA unless amp='none')."
     if model not in MODEL_SIZES: raise ValueError(f"unknown model {model!r}; choose one of {list(MODEL_SIZES)}")
     if steps < 1 or batch < 1: raise ValueError(f"steps and batch must be >= 1, got steps={steps}, batch={batch}")
     dev = resolve_device(device)
-    amp_dtype = {None: torch.bfloat16 if dev.type == 'cuda' else None, 'bf16': torch.bfloat16, 'none': None}[amp]
     torch.manual_seed(seed)
+    return dev, {None: torch.bfloat16 if dev.type == 'cuda' else None, 'bf16': torch.bfloat16, 'none': None}[amp]
+
+def bench_step(model='vit_tiny', img_size=112, frames=16, batch=4, lam=1.0, steps=10, warmup=3, device='auto',
+               amp=None, peak_tflops=989., pred_depth=12, pred_dim=384, freeze=0, n_pairs=100, seed=0, checkpointing=False):
+    "Time `pretrain_step`; returns dict with ms_per_step, clips_per_s, peak_mem_mb, flops_per_step, mfu (GPU)."
+    dev, amp_dtype = _setup(model, steps, batch, device, amp, seed)
     enc = build_encoder(model, img_size=img_size, num_frames=frames).freeze_blocks(freeze)
     pred = build_predictor(enc, predictor_embed_dim=pred_dim, depth=pred_depth)
     jepa = VJEPA(enc.set_grad_checkpointing(checkpointing), pred.set_grad_checkpointing(checkpointing)).to(dev)
@@ -113,11 +117,7 @@ def bench_step(model='vit_tiny', img_size=112, frames=16, batch=4, lam=1.0, step
 def bench_videomae_step(model='vit_tiny', img_size=112, frames=16, batch=4, steps=10, warmup=3, device='auto', amp=None,
                         peak_tflops=989., ratio=0.9, freeze=0, seed=0, checkpointing=False):
     "Time `videomae_step` like `bench_step`; returns ms_per_step, clips_per_s, peak_mem_mb, flops_per_step, mfu (GPU)."
-    if model not in MODEL_SIZES: raise ValueError(f"unknown model {model!r}; choose one of {list(MODEL_SIZES)}")
-    if steps < 1 or batch < 1: raise ValueError(f"steps and batch must be >= 1, got steps={steps}, batch={batch}")
-    dev = resolve_device(device)
-    amp_dtype = {None: torch.bfloat16 if dev.type == 'cuda' else None, 'bf16': torch.bfloat16, 'none': None}[amp]
-    torch.manual_seed(seed)
+    dev, amp_dtype = _setup(model, steps, batch, device, amp, seed)
     mae = build_videomae(model, img_size=img_size, num_frames=frames)
     mae.encoder.freeze_blocks(freeze)
     mae.set_grad_checkpointing(checkpointing)
