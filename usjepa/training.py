@@ -224,7 +224,7 @@ def plot_losses(out_dir):
     pre, pro = read_jsonl(Path(out_dir) / 'pretrain_log.jsonl'), read_jsonl(Path(out_dir) / 'probe_log.jsonl')
     fig, axs = plt.subplots(1, 2, figsize=(10, 3.2))
     for k, lbl in (('loss', 'total'), ('loss_jepa', 'V-JEPA (L1)'), ('loss_aux', 'localization (Eq. 3)')):
-        ys = [r[k] for r in pre]
+        ys = [r.get(k, math.nan) for r in pre]                   # VideoMAE logs only `loss`
         if pre and not all(math.isnan(y) for y in ys): axs[0].plot([r['epoch'] + 1 for r in pre], ys, 'o-', ms=3, label=lbl)
     axs[0].set(title='pretraining', xlabel='epoch', ylabel='loss')
     if pre: axs[0].legend(fontsize=8)
