@@ -259,7 +259,7 @@ def figure2(rows, out_root, fractions=None, seed=0, n_clips=3, frame=9, device='
         _, enc, head = load_run(Path(out_root) / r['name'], device)
         pred = predict(head, video.to(device), encoder=enc).cpu()
         for k in range(n_clips): axs[k, j].imshow(overlay(grey[k, t[k]], pred[k, t[k]]))
-        axs[0, j].set_title(f"{name}\n{r['label_fraction']:g} labels", fontsize=6)
+        axs[0, j].set_title(f"{name}\n{r['label_fraction']:.0%} labels", fontsize=6)
     for a in axs.flat: a.set_xticks([]); a.set_yticks([])
     fig.tight_layout()
     return fig
