@@ -15,11 +15,15 @@ def run_papermill(tmp_path, env):
                    check=True, env=env, capture_output=True)
     return {k for o in json.loads(out.read_text())['cells'][0]['outputs'] for k in o.get('data', {})}
 
+def kernel_env(**extra):
+    "The environment of a notebook kernel: matplotlib's inline backend (CI exports MPLBACKEND=Agg for scripts)."
+    return {**{k: v for k, v in os.environ.items() if k not in ('JPY_SESSION_NAME', 'MPLBACKEND')}, **extra}
+
 def test_papermill_keeps_a_static_figure(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != 'JPY_SESSION_NAME'}
+    env = kernel_env()
     kinds = run_papermill(tmp_path, env)
     assert kinds & {'image/png', 'image/jpeg'} and 'application/vnd.jupyter.widget-view+json' not in kinds, kinds
 
 def test_a_jupyter_server_kernel_gets_the_widget(tmp_path):
-    kinds = run_papermill(tmp_path, {**os.environ, 'JPY_SESSION_NAME': str(tmp_path / 'in.ipynb')})   # as jupyter_server sets it
+    kinds = run_papermill(tmp_path, kernel_env(JPY_SESSION_NAME=str(tmp_path / 'in.ipynb')))   # as jupyter_server sets it
     assert 'application/vnd.jupyter.widget-view+json' in kinds, kinds
