@@ -194,6 +194,11 @@ def compare(rows, a='vjepa_ll', b='vjepa', metric='dsc', cls='paper:mean') -> li
                         n_frames=t['frame']['n'], n_sequences=t['sequence']['n']))
     return out
 
+def _seed_sd(rows, pick, lf, metric, cls):
+    "The sd across seeds of the single-run scores of the rows `pick` selects at label fraction `lf` (NaN below 2 runs)."
+    v = [_value(r, 'test', metric, cls) for r in rows if r['status'] == 'done' and r['label_fraction'] == lf and pick(r)]
+    return float(np.std(v, ddof=1)) if len(v) > 1 else float('nan')
+
 def compare_table(cmp, rows, metric='dsc', cls='paper:mean') -> str:
     "Markdown: Δ mean ± sd over seeds, the seed spread of single runs, p-values per seed, and the verdict."
     lines = ['| λ | frozen | labels | Δ mean DSC (+LL − V-JEPA), mean ± sd over seeds | seed spread | p per frame | p per sequence | verdict |',
@@ -202,13 +207,9 @@ def compare_table(cmp, rows, metric='dsc', cls='paper:mean') -> str:
     for lam, fb, lf in keys:
         cs = [c for c in cmp if (c['lam'], c['frozen_blocks'], c['label_fraction']) == (lam, fb, lf)]
         d = np.array([c['diff'] for c in cs])
-        runs = [_value(r, 'test', metric, cls) for r in rows if r['status'] == 'done' and r['label_fraction'] == lf
-                and r['frozen_blocks'] == fb and ((r['method'] == 'vjepa_ll' and r['lam'] == lam) or r['method'] == 'vjepa')]
-        spread = float(np.mean([np.std([_value(r, 'test', metric, cls) for r in rows if r['status'] == 'done' and
-                                        config_name(r) == n and r['label_fraction'] == lf], ddof=1)
-                                for n in {config_name(r) for r in rows if r['status'] == 'done' and r['label_fraction'] == lf and
-                                          r['frozen_blocks'] == fb and ((r['method'] == 'vjepa_ll' and r['lam'] == lam) or r['method'] == 'vjepa')}])) \
-                 if len(runs) > 2 else float('nan')
+        with_ll = lambda r: r['method'] == 'vjepa_ll' and r['lam'] == lam and r['frozen_blocks'] == fb
+        without = lambda r: r['method'] == 'vjepa' and r['frozen_blocks'] == fb
+        spread = float(np.mean([_seed_sd(rows, with_ll, lf, metric, cls), _seed_sd(rows, without, lf, metric, cls)]))
         same_sign = all(np.sign(c['diff']) == np.sign(d.mean()) for c in cs)
         real = len(cs) > 1 and abs(d.mean()) > spread and same_sign and all(c['p_sequence'] < 0.05 for c in cs)
         sd = d.std(ddof=1) if len(d) > 1 else float('nan')
