@@ -2,7 +2,8 @@
 import json
 from pathlib import Path
 
-from usjepa.grid import PRESETS, plan, check_plan, run_grid, collect, seed_table, compare, compare_table, ef_rows, figure2
+from usjepa.grid import (PRESETS, plan, check_plan, run_grid, collect, seed_table, compare, compare_table, ef_rows, figure2,
+                         atlas_rows, atlas_table)
 
 NB = Path(__file__).resolve().parents[1] / 'nbs' / 'train.ipynb'
 TINY = {**PRESETS['tiny'], 'methods': ('unet', 'vjepa'), 'label_fractions': (1.0, 0.5)}
@@ -22,6 +23,11 @@ def test_a_tiny_grid_end_to_end(tmp_path):
     table = seed_table(rows)
     assert '| U-Net |' in table and '| V-JEPA fb0 |' in table and '100% labels' in table and '50% labels' in table
     assert 'EF MAE' in ef_rows(rows)
+    atlas = atlas_rows(rows, tmp_path)                                         # the trivial reference, per (seed, fraction)
+    assert [(a['seed'], a['label_fraction']) for a in atlas] == [(0, 0.5), (0, 1.0)]
+    n = {r['label_fraction']: r['test']['n_frames'] for r in rows}
+    assert all(a['test']['n_frames'] == n[a['label_fraction']] for a in atlas)   # scored on the runs' own test frames
+    assert '| atlas of the training labels |' in seed_table(rows + atlas) and '| U-Net | 100% |' in atlas_table(rows, atlas)
     fig = figure2(rows, tmp_path, n_clips=2)
     assert len(fig.axes) == 2 * (1 + len(jobs))                               # reference + every run, per clip
     called = []

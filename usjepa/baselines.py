@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, repeat
 from .core import progress_bar
 
 from .data import CamusClips, parse_cfg
@@ -20,8 +20,8 @@ from .scores import SegMetrics
 from .probe import SegmentationHead
 
 # %% auto #0
-__all__ = ['PHANTOM_CLASSES', 'UNet', 'ClipUNet', 'EndToEnd', 'phantom_frames', 'score_frames', 'hand_features', 'fit_frames',
-           'predict_frames', 'bench_phantom', 'phantom_table']
+__all__ = ['PHANTOM_CLASSES', 'UNet', 'ClipUNet', 'EndToEnd', 'phantom_frames', 'score_frames', 'hand_features', 'Atlas',
+           'fit_frames', 'predict_frames', 'bench_phantom', 'phantom_table']
 
 # %% ../nbs/15_baselines.ipynb #e727d407
 class UNet(nn.Module):
@@ -102,6 +102,23 @@ def hand_features(x, t):
     yy, xx = np.mgrid[0:S, 0:S].astype(np.float32) / (S - 1)
     f += [np.broadcast_to(xx, x.shape), np.broadcast_to(yy, x.shape), np.broadcast_to(t[:, None, None], x.shape)]
     return np.stack(f, -1)
+
+# %% ../nbs/15_baselines.ipynb #62e520a1
+class Atlas(nn.Module):
+    "The per-pixel majority label of training frames, whatever the input: video `(B, C, T, H, W)` -> one-hot logits."
+    def __init__(self, labels, n_classes=4):
+        super().__init__()
+        onehot = rearrange(F.one_hot(torch.as_tensor(labels).long(), n_classes).float(), 'h w c -> c h w')
+        self.logits = nn.Parameter(onehot, requires_grad=False)   # a parameter, so `evaluate` finds its device
+
+    @classmethod
+    def fit(cls, ds: CamusClips, n_classes=4):
+        "The atlas of every frame of every sequence of `ds`, at its `img_size`."
+        counts = sum(np.stack([(ds.arrays(s)[1] == c).sum(0) for c in range(n_classes)]) for s in range(len(ds.sequences)))
+        return cls(counts.argmax(0), n_classes)
+
+    def forward(self, video):
+        return repeat(self.logits, 'c h w -> b c t h w', b=video.shape[0], t=video.shape[2])
 
 # %% ../nbs/15_baselines.ipynb #4a944f91
 PHANTOM_CLASSES = ('paper:LV endo', 'paper:myocardium', 'paper:LA', 'paper:mean')   # the paper's three classes

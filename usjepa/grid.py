@@ -6,7 +6,7 @@
 from __future__ import annotations
 import json, math, os, sys, time, traceback
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +16,7 @@ from .scores import paired_test
 
 # %% auto #0
 __all__ = ['PRESETS', 'scaled_blocks', 'Job', 'plan', 'check_plan', 'status', 'papermill_execute', 'run_grid', 'collect',
-           'config_name', 'seed_table', 'compare', 'compare_table', 'ef_rows', 'figure2']
+           'config_name', 'seed_table', 'compare', 'compare_table', 'ef_rows', 'figure2', 'atlas_rows', 'atlas_table']
 
 # %% ../nbs/20_grid.ipynb #23c2367e
 _PAPER_BASE = {k: v for k, v in PAPER_PRESET.items() if k not in ('method', 'lam', 'frozen_blocks')}
@@ -154,9 +154,10 @@ def collect(jobs, out_root) -> list:
 
 def config_name(r) -> str:
     "How a table names a row's configuration."
-    names = dict(vjepa='V-JEPA', vjepa_ll='V-JEPA+LL', videomae='VideoMAE', supervised='supervised ViT', unet='U-Net')
+    names = dict(vjepa='V-JEPA', vjepa_ll='V-JEPA+LL', videomae='VideoMAE', supervised='supervised ViT', unet='U-Net',
+                 atlas='atlas of the training labels')
     return names[r['method']] + (f" λ={r['lam']:g}" if r['method'] == 'vjepa_ll' else '') + \
-           (f" fb{r['frozen_blocks']}" if r['method'] not in END_TO_END else '')
+           (f" fb{r['frozen_blocks']}" if r['method'] not in END_TO_END + ('atlas',) else '')
 
 def _value(r, split, metric, cls):
     try: return r[split][cls][metric]['mean']
@@ -185,8 +186,8 @@ def compare(rows, a='vjepa_ll', b='vjepa', metric='dsc', cls='paper:mean') -> li
     done = [r for r in rows if r['status'] == 'done']
     for ra in done:
         if ra['method'] != a: continue
-        rb = next((r for r in done if r['method'] == b and r['seed'] == ra['seed'] and r['frozen_blocks'] == ra['frozen_blocks']
-                   and r['label_fraction'] == ra['label_fraction']), None)
+        rb = next((r for r in done if r['method'] == b and r['seed'] == ra['seed'] and r['label_fraction'] == ra['label_fraction']
+                   and (r['frozen_blocks'] == ra['frozen_blocks'] or b in END_TO_END + ('atlas',))), None)
         if rb is None: continue
         t = {by: paired_test(ra['metrics'], rb['metrics'], metric, cls, by=by) for by in ('frame', 'sequence')}
         out.append(dict(lam=ra['lam'], frozen_blocks=ra['frozen_blocks'], label_fraction=ra['label_fraction'], seed=ra['seed'],
@@ -238,7 +239,7 @@ def ef_rows(rows) -> str:
 def figure2(rows, out_root, fractions=None, seed=0, n_clips=3, frame=9, device='cpu'):
     "Test clips (rows) at `frame` (1-based): the reference, then each configuration's prediction at each fraction -> Figure."
     import matplotlib.pyplot as plt, torch
-    from usjepa.stages import load_run, clips
+    from usjepa.stages import load_run, clips, data_root
     from usjepa.training import predict
     from usjepa.data import denormalise
     from usjepa.viz import overlay
@@ -247,7 +248,7 @@ def figure2(rows, out_root, fractions=None, seed=0, n_clips=3, frame=9, device='
     cols = [(config_name(r), r) for f in fractions for r in done if r['label_fraction'] == f]
     if not cols: raise ValueError(f"no finished run with seed {seed} to draw")
     c0, _, _ = load_run(Path(out_root) / cols[0][1]['name'])
-    ds = clips(c0, Path(c0.data_dir) if c0.data_dir else Path(c0.pretrained_run or c0.out_dir) / 'synthetic_camus', 'test', 'eval')
+    ds = clips(c0, data_root(c0), 'test', 'eval')
     items = [ds[i] for i in np.linspace(0, len(ds) - 1, n_clips).round().astype(int)]
     video = torch.stack([it['video'] for it in items])
     t = [min(frame - 1, int(it['valid'].nonzero().max())) for it in items]       # frame 9, or the clip's last real frame
@@ -264,3 +265,36 @@ def figure2(rows, out_root, fractions=None, seed=0, n_clips=3, frame=9, device='
     for a in axs.flat: a.set_xticks([]); a.set_yticks([])
     fig.tight_layout()
     return fig
+
+# %% ../nbs/20_grid.ipynb #a0cbf564
+def atlas_rows(rows, out_root) -> list:
+    "Rows like `collect`'s for the atlas of each finished (seed, label fraction): its training labels, the runs' test frames."
+    from usjepa.config import load_config
+    from usjepa.stages import data_root, clips, evaluate_split
+    from usjepa.baselines import Atlas
+    out = []
+    for seed, lf in sorted({(r['seed'], r['label_fraction']) for r in rows if r['status'] == 'done'}):
+        r = next(r for r in rows if r['status'] == 'done' and (r['seed'], r['label_fraction']) == (seed, lf))
+        c = replace(load_config(Path(out_root) / r['name'] / 'config.json'), progress=False)
+        atlas = Atlas.fit(clips(c, data_root(c), 'train', 'eval', label_fraction=lf))
+        m = evaluate_split(c, data_root(c), None, atlas)
+        out.append(dict(name=f"atlas-lf{lf:g}-seed{seed}", method='atlas', lam=None, frozen_blocks=0, label_fraction=lf,
+                        seed=seed, status='done', test=m.summary(), val={}, metrics=m))
+    return out
+
+def atlas_table(rows, atlas, metric='dsc', cls='paper:mean') -> str:
+    "Markdown: each configuration minus the atlas on the same test frames, seed by seed, tested per sequence."
+    lines = [f'| configuration | labels | Δ mean {metric.upper()} (− atlas), mean ± sd over seeds | p per sequence | verdict |',
+             '|---|---|---|---|---|']
+    for method in dict.fromkeys(r['method'] for r in rows if r['method'] != 'atlas'):
+        cmp = compare(rows + atlas, a=method, b='atlas', metric=metric, cls=cls)
+        for key in dict.fromkeys((c['lam'], c['frozen_blocks'], c['label_fraction']) for c in cmp):
+            cs = [c for c in cmp if (c['lam'], c['frozen_blocks'], c['label_fraction']) == key]
+            d = np.array([c['diff'] for c in cs])
+            shown = lambda sign: all(np.sign(c['diff']) == sign and c['p_sequence'] < 0.05 for c in cs)
+            verdict = 'above' if shown(1) else 'below' if shown(-1) else 'not shown'
+            sd = d.std(ddof=1) if len(d) > 1 else float('nan')
+            lines.append(f"| {config_name(dict(method=method, lam=key[0], frozen_blocks=key[1]))} | {key[2]:.0%} | "
+                         f"{d.mean():+.3f} ± {sd:.3f} (n={len(d)}) | " + ', '.join(f"{c['p_sequence']:.2g}" for c in cs)
+                         + f" | {verdict} |")
+    return '\n'.join(lines)
