@@ -276,12 +276,13 @@ def atlas_rows(rows, out_root) -> list:
     for seed, lf in sorted({(r['seed'], r['label_fraction']) for r in rows if r['status'] == 'done'}):
         r = next(r for r in rows if r['status'] == 'done' and (r['seed'], r['label_fraction']) == (seed, lf))
         c = replace(load_config(Path(out_root) / r['name'] / 'config.json'), progress=False)
-        atlas = Atlas.fit(clips(c, data_root(c), 'train', 'eval', label_fraction=lf))
-        m = evaluate_split(c, data_root(c), None, atlas)
+        root = data_root(c)
+        m = evaluate_split(c, root, None, Atlas.fit(clips(c, root, 'train', 'eval', label_fraction=lf)))
         out.append(dict(name=f"atlas-lf{lf:g}-seed{seed}", method='atlas', lam=None, frozen_blocks=0, label_fraction=lf,
                         seed=seed, status='done', test=m.summary(), val={}, metrics=m))
     return out
 
+# %% ../nbs/20_grid.ipynb #130ab90f
 def atlas_table(rows, atlas, metric='dsc', cls='paper:mean') -> str:
     "Markdown: each configuration minus the atlas on the same test frames, seed by seed, tested per sequence."
     lines = [f'| configuration | labels | Δ mean {metric.upper()} (− atlas), mean ± sd over seeds | p per sequence | verdict |',
