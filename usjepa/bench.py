@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['analytic_step_flops', 'counted_step_flops', 'bench_step', 'bench_videomae_step', 'benchmark_loader',
-           'benchmark_probe', 'main']
+           'benchmark_probe', 'bench_diagnostics', 'main']
 
 # %% ../nbs/19_bench.ipynb #5e8be2a5
 import argparse, json, math, resource, tempfile, time
@@ -21,6 +21,7 @@ from .training import FeatureCache, InMemoryClips, train_probe
 from .baselines import bench_phantom, phantom_table
 from .videomae import build_videomae, videomae_param_groups, videomae_step
 from .vjepa import VJEPA, pretrain_step, param_groups
+from .core import Dist
 
 # %% ../nbs/19_bench.ipynb #2ec15fde
 def _block_flops(n, d, depth, mlp_ratio=4.):
@@ -199,6 +200,35 @@ def benchmark_probe(encoder=None, dataset=None, epochs=3, batch_size=4, device='
                 batch_size=batch_size, recompute_s=recompute, cache_build_s=cache_build, cached_train_s=cached,
                 speedup=recompute / (cache_build + cached), epoch_speedup=recompute / cached)
 
+# %% ../nbs/19_bench.ipynb #2e17e98b
+def bench_diagnostics(root, steps=6, **config) -> dict:
+    "Time of a run's diagnostics against its pretraining steps, for the `RunConfig(**config)` on the data set `root`."
+    from usjepa.config import RunConfig, validate
+    from usjepa.stages import PretrainingWatch, build_models, clips, _step_function
+    from usjepa.vjepa import schedule_at
+    with tempfile.TemporaryDirectory() as d:
+        c = validate(RunConfig(**{**config, 'data_dir': str(root), 'out_dir': d, 'progress': False}))
+        model, _ = build_models(c)
+        aux = None
+        if c.lam < 1:
+            from usjepa.localization import LocalizationLoss
+            aux = LocalizationLoss(model.encoder.embed_dim, model.grid, n_pairs=c.n_pairs, on=c.ll_on)
+        t0 = time.perf_counter(); watch = PretrainingWatch(c, root, model); setup = time.perf_counter() - t0
+        t0 = time.perf_counter(); watch.measure(model.target_encoder, model.encoder); measure = time.perf_counter() - t0
+        opt = torch.optim.AdamW(param_groups(model) + ([] if aux is None else param_groups(aux)))
+        step, _ = _step_function(c, model, opt, aux, Dist())
+        ds = clips(c, root, 'train', 'train')
+        per_epoch = len(ds) // c.batch_size
+        video = torch.stack([ds[i]['video'] for i in range(c.batch_size)])
+        gen, sched = torch.Generator().manual_seed(0), schedule_at(0, 10, 0, start_lr=1e-4, ref_lr=1e-4, final_lr=1e-4, wd=0.04, final_wd=0.04)
+        step(video, sched, None, gen)                                     # warm-up
+        t0 = time.perf_counter()
+        for _ in range(steps): step(video, sched, None, gen)
+        step_s = (time.perf_counter() - t0) / steps
+    epoch_s, E = step_s * per_epoch, c.pretrain_epochs
+    return dict(setup_s=setup, measure_s=measure, step_s=step_s, steps_per_epoch=per_epoch, epoch_s=epoch_s,
+                per_epoch_pct=100 * measure / epoch_s, per_run_pct=100 * (setup + (E + 1) * measure) / (E * epoch_s))
+
 # %% ../nbs/19_bench.ipynb #48e74d95
 def _fmt(res):
     "One human-readable line per result (the CLI prints; library functions return dicts)."
@@ -243,6 +273,11 @@ def _parser():
     f.add_argument('--k', type=int, default=2, help='the temporal U-Net sees frames t-k..t+k')
     f.add_argument('--base', type=int, default=16, help='U-Net width'); f.add_argument('--threads', type=int, default=1)
     f.add_argument('--quiet', action='store_true', help='no progress bars')
+    g = sub.add_parser('diagnostics', parents=[out], help="cost of the pretraining diagnostics against the pretraining (bench_diagnostics)")
+    g.add_argument('--root', default=None, help='data set; default: the default synthetic data set in a temporary folder')
+    g.add_argument('--steps', type=int, default=6)
+    g.add_argument('--param', nargs=2, action='append', default=[], metavar=('NAME', 'VALUE'),
+                   help='a RunConfig parameter, as papermill takes it (repeatable); default: the CPU default job')
     return p
 
 def _loader(a):
@@ -253,6 +288,23 @@ def _loader(a):
         root = write_camus_phantom(d, n_patients=6, progress=False)
         return benchmark_loader(root, batch_size=a.batch, num_workers=a.workers, n_clips=a.n_clips,
                                 img_size=a.img_size, num_frames=a.frames)
+
+def _value(v: str):
+    "A command-line value as papermill's `-p` reads it: int, float, True/False, else the string."
+    for cast in (int, float):
+        try: return cast(v)
+        except ValueError: pass
+    return {'True': True, 'False': False}.get(v, v)
+
+def _diagnostics(a):
+    params = {k: _value(v) for k, v in a.param}
+    if a.root is not None: return bench_diagnostics(a.root, a.steps, **params)
+    from usjepa.config import RunConfig
+    from usjepa.phantom import write_camus_phantom
+    c = RunConfig(**params)
+    with tempfile.TemporaryDirectory() as d:
+        root = write_camus_phantom(d, n_patients=c.synthetic_patients, size=(c.synthetic_size,) * 2, progress=False)
+        return bench_diagnostics(root, a.steps, **params)
 
 def main(argv=None):
     "Entry point of `python -m usjepa.bench`."
@@ -266,6 +318,7 @@ def main(argv=None):
         res = bench_step(a.model, a.img_size, a.frames, a.batch, a.lam, a.steps, a.warmup, a.device, a.amp,
                          a.peak_tflops, a.pred_depth, freeze=a.freeze, checkpointing=a.checkpointing)
     elif a.cmd == 'loader': res = _loader(a)
+    elif a.cmd == 'diagnostics': res = _diagnostics(a)
     elif a.cmd == 'phantom':
         res = bench_phantom(a.root, n_patients=a.patients, size=a.size, img_size=a.img_size, seed=a.seed, epochs=a.epochs,
                             mlp_epochs=a.mlp_epochs, k=a.k, base=a.base, threads=a.threads, progress=not a.quiet)

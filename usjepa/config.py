@@ -67,6 +67,10 @@ class RunConfig:
     ema_end: float = 1.0            # ... to ema_end
     clip_grad: float = 10.0         # gradient-norm clip per module after warmup, as V-JEPA (0 = none)
     ipe_scale: float = 1.25         # V-JEPA stretches its schedules over ipe_scale x the run's steps
+    ema_half_life: float = 0.       # > 0: constant EMA momentum of this half-life, a fraction of the run's steps (replaces ema_start/end)
+    reg_coeff: float = 0.           # weight of V-JEPA's std hinge on the predictions (0 = off, as in V-JEPA)
+    sigreg_coeff: float = 0.        # weight of SIGReg (LeJEPA) on the context encoder's tokens (0 = off)
+    ll_on: str = 'pred'             # localization pairs among the predicted tokens (the paper) or the context encoder's ('context')
     # probe
     probe_epochs: int = 12          # epochs of the probe (of the whole segmenter for supervised and unet)
     probe_lr: float = 1e-3          # cosine from probe_lr to 0 (the paper's setting)
@@ -88,13 +92,15 @@ class RunConfig:
     master_addr: str = '127.0.0.1'
     master_port: int = 29500
     progress: bool = True           # progress bars
+    diagnostics: bool = True        # measure rank, spread, drift, token probe, position R², attention distance per pretraining epoch
+    diag_clips: int = 8             # validation clips of the diagnostics (twice as many training clips fit their probes)
 
     # fields that do not change what a run computes: they may differ when resuming
     # fields that do not change the pretraining: runs that differ only in these can share one (`pretrained_run`)
     PROBE_ONLY = ('label_fraction', 'probe_epochs', 'probe_lr', 'probe_batch_size', 'probe_dim', 'eval_resolution',
                   'unet_base', 'unet_frames', 'pretrained_run')
     RUN_ONLY = ('resume', 'num_workers', 'progress', 'device', 'out_dir', 'nproc_per_node', 'nnodes', 'node_rank',
-                'master_addr', 'master_port', 'activation_checkpointing')
+                'master_addr', 'master_port', 'activation_checkpointing', 'diagnostics', 'diag_clips')
 
 # %% ../nbs/16_config.ipynb #38e8075b
 PAPER_PRESET = dict(model='vit_large', patch_size=16, predictor_dim=384, predictor_depth=12, img_size=224,
@@ -170,6 +176,10 @@ def _value_problems(c: RunConfig) -> list:
     need(c.ipe_scale >= 1, f"ipe_scale={c.ipe_scale} must be >= 1 (V-JEPA: 1.25)")
     need(c.node_rank < c.nnodes, f"node_rank={c.node_rank} must be < nnodes={c.nnodes}")
     need(0 < c.mae_ratio < 1, f"mae_ratio={c.mae_ratio} must be in (0, 1)")
+    for k in ('ema_half_life', 'reg_coeff', 'sigreg_coeff'):
+        need(getattr(c, k) >= 0, f"{k}={getattr(c, k)} must be >= 0")
+    need(c.ll_on in ('pred', 'context'), f"ll_on={c.ll_on!r}: choose 'pred' (the paper) or 'context'")
+    need(c.diag_clips >= 1, f"diag_clips={c.diag_clips} must be >= 1")
     need(c.unet_base >= 1, f"unet_base={c.unet_base} must be >= 1")
     need(c.unet_frames >= 1 and c.unet_frames % 2 == 1, f"unet_frames={c.unet_frames} must be odd (frames t-k..t+k)")
     if c.method == 'unet':

@@ -133,10 +133,13 @@ class LocalizationLoss(nn.Module):
                  grid=None,                      # (gt, gh, gw); None: read `model.encoder.grid` when called
                  n_pairs: int = 100,             # pairs per clip in total, split evenly over the mask generators
                  hidden: int | None = None,      # head width (default D)
-                 generator: torch.Generator | None = None):  # RNG for the pairs (None: torch's global RNG)
+                 generator: torch.Generator | None = None,  # RNG for the pairs (None: torch's global RNG)
+                 on: str = 'pred'):              # 'pred': the predicted target tokens (the paper); 'context': the context encoder's tokens
         super().__init__()
         if n_pairs < 1:
             raise ValueError(f"n_pairs must be >= 1, got {n_pairs}")
+        if on not in ('pred', 'context'): raise ValueError(f"on={on!r}: choose 'pred' (the paper) or 'context'")
+        self.on = on
         self.grid = None if grid is None else check_grid(grid)
         self.n_pairs, self.generator = n_pairs, generator
         self.head = LocalizationHead(embed_dim, hidden)
@@ -148,7 +151,8 @@ class LocalizationLoss(nn.Module):
             grid = getattr(getattr(model, 'encoder', None), 'grid', None)
             if grid is None:
                 raise ValueError("LocalizationLoss needs a grid: pass grid=... or call it with a model that has .encoder.grid")
-        return localization_loss(self.head, out.preds, out.tgt_idx, grid, self.n_pairs, self.generator)
+        tokens, idx = (out.preds, out.tgt_idx) if self.on == 'pred' else (out.ctx, out.ctx_idx)
+        return localization_loss(self.head, tokens, idx, grid, self.n_pairs, self.generator)
 
     def extra_repr(self) -> str:
-        return f"grid={self.grid}, n_pairs={self.n_pairs}"
+        return f"grid={self.grid}, n_pairs={self.n_pairs}, on={self.on!r}"

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from .core import init_distributed, write_text_atomic, gather_fingerprints
 from .metrics import ef_table, plot_ef
 from .training import plot_losses, qualitative_figure
+from .diagnostics import read_diagnostics, plot_diagnostics
 from .config import RunConfig, validate, load_config, prepare_run_dir, END_TO_END
 from .stages import (prepare_data, clips, check_data, pretrain, pretrained_encoder, train_segmenter, evaluate_split)
 
@@ -45,6 +46,8 @@ def run(c: RunConfig, on_epoch_end=None) -> dict:
         test_clips = clips(c, root, 'test', 'eval')
         figs = dict(losses=plot_losses(out), qualitative=qualitative_figure(test_clips, head, encoder, d.device))
         if 'EF' in m.summary(): figs['ef'] = plot_ef(ef_table(m, strict=False))
+        diag = read_diagnostics(c.pretrained_run or out)                 # the pretraining's, also when it was reused
+        if diag: figs['diagnostics'] = plot_diagnostics(diag, f"{c.method}: the encoder the probe reads (target) and the online encoder")
         for name, fig in figs.items():
             fig.savefig(out / f'{name}.png', dpi=100)
             plt.close(fig)
