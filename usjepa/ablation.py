@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['LEVERS', 'ABLATION_KEYS', 'lever_config', 'run_ablation', 'ablation_rows', 'ablation_table']
 
-# %% ../nbs/21a_ablation.ipynb #639b072d
+# %% ../nbs/21a_ablation.ipynb #cf9ea430
 import json, math, time
 from dataclasses import replace
 from pathlib import Path
@@ -15,7 +15,7 @@ from .config import RunConfig, validate, prepare_run_dir
 from .stages import prepare_data, pretrain
 from .diagnostics import DIAGNOSTIC_KEYS
 
-# %% ../nbs/21a_ablation.ipynb #7f844f92
+# %% ../nbs/21a_ablation.ipynb #a2f96012
 LEVERS = {
     'default':        dict(),                                             # the paper's recipe, CPU scale (λ 0.25)
     'vjepa':          dict(method='vjepa'),                               # no localization loss (λ = 1)
@@ -28,7 +28,7 @@ LEVERS = {
     'pred_small':     dict(predictor_dim=96, predictor_depth=2),          # a predictor that must rely on its context
 }
 
-# %% ../nbs/21a_ablation.ipynb #9fd51377
+# %% ../nbs/21a_ablation.ipynb #582d48ad
 def lever_config(lever: str, seed: int, out_root, data_dir, levers=None, **base) -> RunConfig:
     "The validated run configuration of `lever` (a key of `levers`, default `LEVERS`) and `seed`, in `out_root/<lever>-seed<seed>`."
     levers = LEVERS if levers is None else levers
@@ -36,7 +36,7 @@ def lever_config(lever: str, seed: int, out_root, data_dir, levers=None, **base)
     c = RunConfig(**{**base, **levers[lever]})
     return validate(replace(c, seed=seed, data_dir=str(data_dir), out_dir=str(Path(out_root) / f'{lever}-seed{seed}')))
 
-# %% ../nbs/21a_ablation.ipynb #6cb89de5
+# %% ../nbs/21a_ablation.ipynb #b8b0c49f
 def _finished(c: RunConfig) -> bool:
     rows = read_jsonl(Path(c.out_dir) / 'pretrain_log.jsonl')
     return (Path(c.out_dir) / 'pretrain.pt').exists() and len(rows) >= c.pretrain_epochs
@@ -52,7 +52,7 @@ def run_ablation(levers, seeds, out_root, data_dir, lever_table=None, **base) ->
         (Path(c.out_dir) / 'wall_s.txt').write_text(f"{time.perf_counter() - t0:.1f}\n")
     return [Path(c.out_dir) for c in configs]
 
-# %% ../nbs/21a_ablation.ipynb #09bcd0e2
+# %% ../nbs/21a_ablation.ipynb #184ab739
 ABLATION_KEYS = DIAGNOSTIC_KEYS + ('loss_jepa', 'loss_aux')
 
 def ablation_rows(run_dirs) -> list:
