@@ -262,8 +262,8 @@ def check_injected_parameters(history, allowed=None) -> list:
     unknown = [n for n in given if n not in allowed]
     if unknown:
         hint = lambda n: f"did you mean {m[0]}?" if (m := get_close_matches(n, allowed, 1, 0.6)) else "no parameter is close"
-        raise ValueError("unknown parameters were passed (papermill would ignore them): "
-                         + '; '.join(f"{n}: {hint(n)}" for n in unknown) + f". The parameters are: {', '.join(allowed)}")
+        raise ValueError('; '.join(f"{n}: {hint(n)}" for n in unknown) + " -- not a parameter (papermill only warns and runs "
+                         f"with the defaults); the parameters are: {', '.join(allowed)}")
     return given
 
 # %% ../nbs/16_config.ipynb #67ef9c51

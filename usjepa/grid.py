@@ -6,17 +6,18 @@
 from __future__ import annotations
 import json, math, os, sys, time, traceback
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from .config import RunConfig, PAPER_PRESET, END_TO_END, validate
+from .config import RunConfig, PAPER_PRESET, END_TO_END, validate, normal_form, load_config
 from .scores import paired_test
 
 # %% auto #0
-__all__ = ['PRESETS', 'scaled_blocks', 'Job', 'plan', 'check_plan', 'status', 'papermill_execute', 'run_grid', 'collect',
-           'config_name', 'seed_table', 'compare', 'compare_table', 'ef_rows', 'figure2', 'atlas_rows', 'atlas_table']
+__all__ = ['PRESETS', 'scaled_blocks', 'Job', 'plan', 'check_plan', 'config_diff', 'status', 'papermill_execute', 'run_grid',
+           'collect', 'config_name', 'seed_table', 'compare', 'compare_table', 'ef_rows', 'figure2', 'atlas_rows',
+           'atlas_table']
 
 # %% ../nbs/20_grid.ipynb #23c2367e
 _PAPER_BASE = {k: v for k, v in PAPER_PRESET.items() if k not in ('method', 'lam', 'frozen_blocks')}
@@ -89,10 +90,19 @@ def check_plan(jobs):
     return jobs
 
 # %% ../nbs/20_grid.ipynb #a6502e3c
+def config_diff(job: Job, out_root) -> list | None:
+    "The fields (all but `RunConfig.RUN_ONLY`) in which the job folder's saved `config.json` differs from the plan; None: none saved."
+    f = Path(out_root) / job.name / 'config.json'
+    if not f.is_file(): return None
+    saved, planned = asdict(load_config(f)), asdict(normal_form(RunConfig(**job.params)))
+    return [f"{k}: {saved.get(k)!r} there, {v!r} planned" for k, v in planned.items()
+            if k not in RunConfig.RUN_ONLY and saved.get(k) != v]
+
 def status(job: Job, out_root) -> str:
-    "'done' (metrics.json there), 'failed' (error.txt there) or 'todo'."
+    "'done' (metrics.json and summary.json, from the planned configuration), 'stale' (from another one), 'failed' (error.txt) or 'todo'."
     d = Path(out_root) / job.name
-    if (d / 'metrics.json').is_file() and (d / 'summary.json').is_file(): return 'done'
+    if (d / 'metrics.json').is_file() and (d / 'summary.json').is_file():
+        return 'done' if config_diff(job, out_root) == [] else 'stale'     # results of other parameters are no results of this job
     return 'failed' if (d / 'error.txt').is_file() else 'todo'
 
 @contextmanager
@@ -119,10 +129,16 @@ def run_grid(jobs, out_root, notebook='nbs/train.ipynb', execute=papermill_execu
     out_root, result = Path(out_root), {}
     bad = [j.name for j in jobs if Path(j.params['out_dir']) != out_root / j.name]
     if bad: raise ValueError(f"jobs {bad[:3]} were planned for another out_root than {out_root}")
+    stale = [f"{j.name} ({'; '.join(config_diff(j, out_root) or ['no config.json'])})" for j in jobs if status(j, out_root) == 'stale']
+    if stale:                                                   # checked before any job runs
+        raise ValueError(f"{len(stale)} finished jobs in {out_root} were run with other parameters than planned: "
+                         + ', '.join(stale[:5]) + ". Give this grid a new out_root, or delete those folders to re-run them")
+    by_name = {j.name: j for j in jobs}
     for i, job in enumerate(jobs, 1):
         d = out_root / job.name
         if status(job, out_root) == 'done': result[job.name] = 'done'; continue
-        if job.reuses and status(Job(job.reuses, {}), out_root) != 'done': result[job.name] = 'blocked'; continue
+        if job.reuses and status(by_name.get(job.reuses, Job(job.reuses, {})), out_root) != 'done':
+            result[job.name] = 'blocked'; continue
         d.mkdir(parents=True, exist_ok=True)
         (d / 'error.txt').unlink(missing_ok=True)
         t0 = time.time()
