@@ -179,6 +179,11 @@ def _value(r, split, metric, cls):
     try: return r[split][cls][metric]['mean']
     except (KeyError, TypeError): return float('nan')
 
+def _undefined(r, split, metric, cls):
+    "Frames whose contour distance is undefined (a structure missed), 0 for overlap metrics."
+    try: return int(r[split][cls][metric].get('n_undefined') or 0)
+    except (KeyError, TypeError, AttributeError): return 0
+
 def seed_table(rows, metric='dsc', split='test', cls='paper:mean', digits=3) -> str:
     "Markdown: configuration x label fraction, mean ± sd across seeds (n seeds), failed or missing runs named."
     fracs = sorted({r['label_fraction'] for r in rows}, reverse=True)
@@ -190,8 +195,9 @@ def seed_table(rows, metric='dsc', split='test', cls='paper:mean', digits=3) -> 
             rs = [r for r in rows if config_name(r) == c and r['label_fraction'] == f]
             v = [_value(r, split, metric, cls) for r in rs if r['status'] == 'done']
             bad = len(rs) - len(v)
+            undef = sum(_undefined(r, split, metric, cls) for r in rs if r['status'] == 'done')   # HD/MAD: frames left out
             txt = (f"{np.mean(v):.{digits}f} ± {np.std(v, ddof=1) if len(v) > 1 else float('nan'):.{digits}f} (n={len(v)})" if v else '–')
-            cells.append(txt + (f", {bad} not done" if bad else ''))
+            cells.append(txt + (f", {undef} undefined frames" if undef else '') + (f", {bad} not done" if bad else ''))
         lines.append(f'| {c} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
@@ -242,14 +248,15 @@ def _mean(xs):
 
 def ef_rows(rows) -> str:
     "Markdown: EF MAE, bias and r (predicted vs reference masks) per configuration and label fraction, mean over seeds."
-    lines = ['| configuration | labels | EF MAE (%) | bias (%) | r | n runs |', '|---|---|---|---|---|---|']
+    lines = ['| configuration | labels | EF MAE (%) | bias (%) | r | n runs | patients scored / dropped |', '|---|---|---|---|---|---|---|']
     groups = {}
     for r in rows:
         ef = (r.get('test') or {}).get('EF', {}).get('ef') if r['status'] == 'done' else None
         if ef: groups.setdefault((config_name(r), r['label_fraction']), []).append(ef)
     for (c, lf), efs in groups.items():
         m = lambda k: _mean([e.get(k) for e in efs])
-        lines.append(f"| {c} | {lf:.0%} | {m('mae'):.1f} | {m('bias'):+.1f} | {m('r'):.2f} | {len(efs)} |")
+        n = lambda k: sum(int(e.get(k) or 0) for e in efs)          # summed over the runs
+        lines.append(f"| {c} | {lf:.0%} | {m('mae'):.1f} | {m('bias'):+.1f} | {m('r'):.2f} | {len(efs)} | {n('n')} / {n('n_dropped')} |")
     return '\n'.join(lines)
 
 def figure2(rows, out_root, fractions=None, seed=0, n_clips=3, frame=9, device='cpu'):
