@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['strip_prefixes', 'open_checkpoint', 'state_shapes', 'fit_state', 'check_checkpoint', 'load_checkpoint',
-           'save_checkpoint']
+           'open_run_checkpoint', 'save_checkpoint']
 
 # %% ../nbs/06_checkpoints.ipynb #a9edcfda
 import zipfile
@@ -27,6 +27,13 @@ def strip_prefixes(state):
         out[k] = v
     return out
 
+def _reason(e) -> str:
+    "torch's error in one line, without its advice to retry with `weights_only=False` (that would run the file's code)."
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ''
+    if 'weights_only' in str(e) or 'Weights only' in msg:
+        msg = 'it holds objects other than tensors and plain values, which are never unpickled here'
+    return f"{type(e).__name__}: {msg[:200]}"
+
 def open_checkpoint(path) -> dict:
     "The dict in checkpoint file `path`, read with `weights_only=True` (memory-mapped when the file is zip-format); errors name the file."
     path = Path(path)
@@ -38,7 +45,7 @@ def open_checkpoint(path) -> dict:
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
     except Exception as e:
-        raise ValueError(f"{path}: cannot read as a PyTorch checkpoint ({type(e).__name__}: {str(e)[:200]}); "
+        raise ValueError(f"{path}: cannot read as a PyTorch checkpoint ({_reason(e)}); "
                          f"not a torch.save file, truncated, or holding more than tensors and plain values?") from e
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path} does not hold a dict but a {type(ckpt).__name__}")
@@ -123,6 +130,13 @@ def load_checkpoint(path, encoder=None, predictor=None, which='target_encoder', 
     for module, state, _, fitting in parts.values():
         module.load_state_dict({k: state[k] for k in fitting}, strict=False)
     return dict(path=str(path), epoch=ckpt.get('epoch'), **{k: v[2] for k, v in parts.items()})
+
+def open_run_checkpoint(path, stage) -> dict:
+    "A run's own checkpoint to resume `stage` from; a damaged file is named with what to do about it."
+    try: return open_checkpoint(path)
+    except ValueError as e:
+        raise ValueError(f"{path} is damaged, so the {stage} stage cannot resume from it ({e}). Delete it to run that stage "
+                         f"again from its first epoch, or restore it from a copy.") from None
 
 # %% ../nbs/06_checkpoints.ipynb #943e90b3
 def _to_state(obj):

@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_data.ipynb #c7ac722a
 from __future__ import annotations
-import math, os, time, warnings, tempfile
+import gzip, io, math, os, time, warnings, tempfile, zlib
 from pathlib import Path
 import numpy as np
 import torch
@@ -13,9 +13,10 @@ from torch.utils.data import Dataset
 from .core import atomic_write
 
 # %% auto #0
-__all__ = ['CLASSES', 'VIEWS', 'MEAN', 'STD', 'SPLIT_FILES', 'AUG_SCALE', 'AUG_RATIO', 'find_camus_root', 'parse_cfg',
-           'check_labels', 'sequence_files', 'read_sequence', 'camus_split', 'label_fraction_patients', 'clip_indices',
-           'max_clip_start', 'first_occurrence', 'eval_clips', 'normalise', 'denormalise', 'augment_clip', 'CamusClips']
+__all__ = ['CLASSES', 'VIEWS', 'MEAN', 'STD', 'SPLIT_FILES', 'MAX_FIELD_MM', 'AUG_SCALE', 'AUG_RATIO', 'find_camus_root',
+           'parse_cfg', 'check_labels', 'check_info', 'sequence_files', 'read_sequence', 'check_splits', 'camus_split',
+           'label_fraction_patients', 'clip_indices', 'max_clip_start', 'first_occurrence', 'eval_clips', 'normalise',
+           'denormalise', 'augment_clip', 'CamusClips']
 
 # %% ../nbs/03_data.ipynb #cf167b72
 CLASSES = {1: 'LV endo', 2: 'myocardium', 3: 'LA'}
@@ -61,22 +62,44 @@ def parse_cfg(path) -> dict:
         out[k] = v
     return out
 
+MAX_FIELD_MM = 500.   # spacing x pixels: an echo image never spans more than half a metre (its depth is at most ~30 cm)
+
+def _nifti_bytes(path) -> bytes:
+    "The uncompressed bytes of a NIfTI file; a `.gz` is read to its end, so a damaged file fails gzip's CRC (nibabel never checks it)."
+    raw = Path(path).read_bytes()
+    if raw[:2] != b'\x1f\x8b': return raw
+    try: return gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as e:
+        raise ValueError(f"{path}: damaged gzip data ({e}); the file is corrupt or truncated -- download it again") from None
+
+def _pixel_spacing(zooms, shape, path):
+    "`(sy, sx)` from the header's raw pixdim: NaN, 0 and negative values are refused, not repaired as nibabel does."
+    sx, sy = (float(z) for z in zooms[:2])
+    bad = [f"{k}={v!r}" for k, v in (('row', sy), ('column', sx)) if not (math.isfinite(v) and v > 0)]
+    if bad: raise ValueError(f"{path}: pixel spacing ({', '.join(bad)} mm in pixdim) must be a positive number")
+    field = max(sy * shape[0], sx * shape[1])
+    if field > MAX_FIELD_MM:
+        raise ValueError(f"{path}: pixel spacing ({sy:g}, {sx:g}) mm makes the image {field:g} mm across, more than "
+                         f"{MAX_FIELD_MM:g} mm: the spacing in pixdim is wrong")
+    return sy, sx
+
 def _load_nifti(path):
-    "Array in (frames, height, width) or (height, width) order, and the (sy, sx) spacing."
+    "Array in (frames, height, width) or (height, width) order, and the (sy, sx) spacing; the whole file is verified."
     import nibabel as nib
     path = Path(path)
     if not path.exists(): raise FileNotFoundError(f"{path}: missing file")
+    data = _nifti_bytes(path)
     try:
-        img = nib.load(str(path))
+        pixdim = nib.Nifti1Header.from_fileobj(io.BytesIO(data), check=False)['pixdim']   # before nibabel's fix-ups
+        img = nib.Nifti1Image.from_bytes(data)
         arr = np.asanyarray(img.dataobj)
-        zooms = img.header.get_zooms()
     except Exception as e:
         raise ValueError(f"{path}: cannot read as NIfTI ({type(e).__name__}: {e}); corrupt or truncated file?") from e
     while arr.ndim > 3 and arr.shape[-1] == 1: arr = arr[..., 0]
     if arr.ndim == 2: arr = arr.T                                   # (W,H) -> (H,W)
     elif arr.ndim == 3: arr = arr.transpose(2, 1, 0)                # (W,H,F) -> (F,H,W): apex at the top
     else: raise ValueError(f"{path}: expected a 2D image or a (width, height, frames) sequence, got shape {arr.shape}")
-    return np.ascontiguousarray(arr), (float(zooms[1]), float(zooms[0]))
+    return np.ascontiguousarray(arr), _pixel_spacing(pixdim[1:3], arr.shape[-2:], path)
 
 def _as_uint8(arr, path, what):
     "`arr` as uint8, refusing (naming `path`) anything but integer values in 0..255: NaN, infinities, fractions, out of range."
@@ -105,6 +128,25 @@ def check_labels(labels, path):
     if len(bad): raise ValueError(f"{path}: label values must be in 0..3, found {bad[:10].tolist()}")
     return labels.astype(np.uint8)
 
+def check_info(info, path, n_frames) -> dict:
+    "Raise (naming `path`) unless ED and ES are distinct frame numbers 1..`n_frames` (and NbFrame) and EF, if given, a percentage."
+    p = []
+    for k in ('ED', 'ES'):
+        v = info.get(k)
+        if v is None: p.append(f"no {k} line")
+        elif not isinstance(v, int): p.append(f"{k}: {v!r} is not a frame number")
+        elif not 1 <= v <= n_frames: p.append(f"{k}: {v} is outside the {n_frames} frames of the sequence (1..{n_frames})")
+    nb = info.get('NbFrame')
+    if nb is not None and not isinstance(nb, int): p.append(f"NbFrame: {nb!r} is not a number of frames")
+    elif nb is not None:
+        p += [f"{k}: {info[k]} is beyond NbFrame: {nb}" for k in ('ED', 'ES') if isinstance(info.get(k), int) and info[k] > nb]
+    if isinstance(info.get('ED'), int) and info.get('ED') == info.get('ES'): p.append(f"ED and ES are the same frame ({info['ED']})")
+    ef = info.get('EF')
+    if ef is not None and not (isinstance(ef, (int, float)) and math.isfinite(ef) and 0 <= ef <= 100):
+        p.append(f"EF: {ef!r} is not a percentage")
+    if p: raise ValueError(f"{path}: " + '; '.join(p))
+    return info
+
 # %% ../nbs/03_data.ipynb #a669f022
 def sequence_files(patient_dir, view):
     "The cfg, half-sequence and label paths of one patient/view."
@@ -121,12 +163,16 @@ def read_sequence(patient_dir, view) -> dict:
         if not files[k].exists(): raise FileNotFoundError(f"{files[k]}: missing file in patient folder {patient_dir}")
     info = parse_cfg(files['cfg'])
     video, spacing = _load_nifti(files['video'])
-    labels, _ = _load_nifti(files['labels'])
+    labels, lab_spacing = _load_nifti(files['labels'])
     if video.ndim == 2: video = video[None]                        # a single-frame 'sequence'
     if labels.ndim == 2: labels = labels[None]
     if video.shape != labels.shape:
         raise ValueError(f"{files['video']} has shape {video.shape} (frames, height, width) but "
                          f"{files['labels']} has {labels.shape}: image/label shape mismatch")
+    if not np.allclose(spacing, lab_spacing, rtol=1e-4):
+        raise ValueError(f"{files['labels']} has pixel spacing {lab_spacing} mm but {files['video']} has {spacing}: "
+                         f"labels and images of one sequence must share their geometry")
+    check_info(info, files['cfg'], len(video))
     video = _as_uint8(video, files['video'], 'image')
     labels = check_labels(labels, files['labels'])
     if 'NbFrame' in info and info['NbFrame'] != len(video):
@@ -139,24 +185,35 @@ def _seeded_split(ids, seed):
     n = len(ids); n_val = max(1, round(0.1 * n)) if n >= 3 else 0
     return dict(test=order[:n_val], val=order[n_val:2 * n_val], train=order[2 * n_val:])
 
-def camus_split(root, split, seed=0) -> list:
-    "Patient ids of `split` ('train'|'val'|'test'): the official split files if present, else a seeded 80/10/10 split."
-    if split not in SPLIT_FILES: raise ValueError(f"unknown split {split!r}; expected one of {tuple(SPLIT_FILES)}")
+def check_splits(root) -> dict:
+    "The official split lists of `root`, checked before any work: no duplicates, disjoint, every name a patient folder ({} if absent)."
     root = find_camus_root(root)
     db, sd = root / 'database_nifti', root / 'database_split'
-    have = [d.name for d in _patient_dirs(db)]
     files = {k: sd / f for k, f in SPLIT_FILES.items()}
     present = [k for k, f in files.items() if f.exists()]
     if present and len(present) < 3:
         raise FileNotFoundError(f"{sd}: incomplete split folder, missing {[files[k].name for k in files if k not in present]}")
-    if not present: return sorted(_seeded_split(have, seed)[split])
-    listed = [l.strip() for l in files[split].read_text().splitlines() if l.strip()]
-    ok = [p for p in listed if p in set(have)]
-    if len(ok) < len(listed):
-        miss = [p for p in listed if p not in set(have)]
-        warnings.warn(f"{files[split]}: {len(miss)} of {len(listed)} listed patients have no folder in {db}; "
-                      f"skipped ({miss[:3]}...)")
-    return sorted(ok)
+    if not present: return {}
+    lists = {k: [l.strip() for l in f.read_text().splitlines() if l.strip()] for k, f in files.items()}
+    have, p = {d.name for d in _patient_dirs(db)}, []
+    for k, names in lists.items():
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup: p.append(f"{files[k].name} lists {len(dup)} patients twice ({', '.join(dup[:3])})")
+        miss = [n for n in dict.fromkeys(names) if n not in have]
+        if miss: p.append(f"{files[k].name}: {len(miss)} of {len(names)} listed patients have no folder in {db} ({', '.join(miss[:3])})")
+    for a, b in (('train', 'val'), ('train', 'test'), ('val', 'test')):
+        both = sorted(set(lists[a]) & set(lists[b]))        # a patient on both sides leaks into its own score
+        if both: p.append(f"{files[a].name} and {files[b].name} share {len(both)} patients ({', '.join(both[:3])})")
+    if p: raise ValueError(f"{sd}: the split lists are unusable:\n  - " + "\n  - ".join(p))
+    return {k: sorted(v) for k, v in lists.items()}
+
+def camus_split(root, split, seed=0) -> list:
+    "Patient ids of `split` ('train'|'val'|'test'): the official split files (checked) if present, else a seeded 80/10/10 split."
+    if split not in SPLIT_FILES: raise ValueError(f"unknown split {split!r}; expected one of {tuple(SPLIT_FILES)}")
+    root = find_camus_root(root)
+    lists = check_splits(root)
+    if lists: return lists[split]
+    return sorted(_seeded_split([d.name for d in _patient_dirs(root / 'database_nifti')], seed)[split])
 
 def label_fraction_patients(patients, fraction, seed=0) -> list:
     "Deterministic, nested subset with `ceil(fraction * n)` (at least 1) of `patients`."

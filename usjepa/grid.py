@@ -6,17 +6,18 @@
 from __future__ import annotations
 import json, math, os, sys, time, traceback
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from .config import RunConfig, PAPER_PRESET, END_TO_END, validate
+from .config import RunConfig, PAPER_PRESET, END_TO_END, validate, normal_form, load_config
 from .scores import paired_test
 
 # %% auto #0
-__all__ = ['PRESETS', 'scaled_blocks', 'Job', 'plan', 'check_plan', 'status', 'papermill_execute', 'run_grid', 'collect',
-           'config_name', 'seed_table', 'compare', 'compare_table', 'ef_rows', 'figure2', 'atlas_rows', 'atlas_table']
+__all__ = ['PRESETS', 'scaled_blocks', 'Job', 'plan', 'check_plan', 'config_diff', 'status', 'papermill_execute', 'run_grid',
+           'collect', 'config_name', 'seed_table', 'compare', 'compare_table', 'ef_rows', 'figure2', 'atlas_rows',
+           'atlas_table']
 
 # %% ../nbs/20_grid.ipynb #23c2367e
 _PAPER_BASE = {k: v for k, v in PAPER_PRESET.items() if k not in ('method', 'lam', 'frozen_blocks')}
@@ -89,10 +90,19 @@ def check_plan(jobs):
     return jobs
 
 # %% ../nbs/20_grid.ipynb #a6502e3c
+def config_diff(job: Job, out_root) -> list | None:
+    "The fields (all but `RunConfig.RUN_ONLY`) in which the job folder's saved `config.json` differs from the plan; None: none saved."
+    f = Path(out_root) / job.name / 'config.json'
+    if not f.is_file(): return None
+    saved, planned = asdict(load_config(f)), asdict(normal_form(RunConfig(**job.params)))
+    return [f"{k}: {saved.get(k)!r} there, {v!r} planned" for k, v in planned.items()
+            if k not in RunConfig.RUN_ONLY and saved.get(k) != v]
+
 def status(job: Job, out_root) -> str:
-    "'done' (metrics.json there), 'failed' (error.txt there) or 'todo'."
+    "'done' (metrics.json and summary.json, from the planned configuration), 'stale' (from another one), 'failed' (error.txt) or 'todo'."
     d = Path(out_root) / job.name
-    if (d / 'metrics.json').is_file() and (d / 'summary.json').is_file(): return 'done'
+    if (d / 'metrics.json').is_file() and (d / 'summary.json').is_file():
+        return 'done' if config_diff(job, out_root) == [] else 'stale'     # results of other parameters are no results of this job
     return 'failed' if (d / 'error.txt').is_file() else 'todo'
 
 @contextmanager
@@ -119,10 +129,16 @@ def run_grid(jobs, out_root, notebook='nbs/train.ipynb', execute=papermill_execu
     out_root, result = Path(out_root), {}
     bad = [j.name for j in jobs if Path(j.params['out_dir']) != out_root / j.name]
     if bad: raise ValueError(f"jobs {bad[:3]} were planned for another out_root than {out_root}")
+    stale = [f"{j.name} ({'; '.join(config_diff(j, out_root) or ['no config.json'])})" for j in jobs if status(j, out_root) == 'stale']
+    if stale:                                                   # checked before any job runs
+        raise ValueError(f"{len(stale)} finished jobs in {out_root} were run with other parameters than planned: "
+                         + ', '.join(stale[:5]) + ". Give this grid a new out_root, or delete those folders to re-run them")
+    by_name = {j.name: j for j in jobs}
     for i, job in enumerate(jobs, 1):
         d = out_root / job.name
         if status(job, out_root) == 'done': result[job.name] = 'done'; continue
-        if job.reuses and status(Job(job.reuses, {}), out_root) != 'done': result[job.name] = 'blocked'; continue
+        if job.reuses and status(by_name.get(job.reuses, Job(job.reuses, {})), out_root) != 'done':
+            result[job.name] = 'blocked'; continue
         d.mkdir(parents=True, exist_ok=True)
         (d / 'error.txt').unlink(missing_ok=True)
         t0 = time.time()
@@ -163,6 +179,11 @@ def _value(r, split, metric, cls):
     try: return r[split][cls][metric]['mean']
     except (KeyError, TypeError): return float('nan')
 
+def _undefined(r, split, metric, cls):
+    "Frames whose contour distance is undefined (a structure missed), 0 for overlap metrics."
+    try: return int(r[split][cls][metric].get('n_undefined') or 0)
+    except (KeyError, TypeError, AttributeError): return 0
+
 def seed_table(rows, metric='dsc', split='test', cls='paper:mean', digits=3) -> str:
     "Markdown: configuration x label fraction, mean ± sd across seeds (n seeds), failed or missing runs named."
     fracs = sorted({r['label_fraction'] for r in rows}, reverse=True)
@@ -174,8 +195,9 @@ def seed_table(rows, metric='dsc', split='test', cls='paper:mean', digits=3) -> 
             rs = [r for r in rows if config_name(r) == c and r['label_fraction'] == f]
             v = [_value(r, split, metric, cls) for r in rs if r['status'] == 'done']
             bad = len(rs) - len(v)
+            undef = sum(_undefined(r, split, metric, cls) for r in rs if r['status'] == 'done')   # HD/MAD: frames left out
             txt = (f"{np.mean(v):.{digits}f} ± {np.std(v, ddof=1) if len(v) > 1 else float('nan'):.{digits}f} (n={len(v)})" if v else '–')
-            cells.append(txt + (f", {bad} not done" if bad else ''))
+            cells.append(txt + (f", {undef} undefined frames" if undef else '') + (f", {bad} not done" if bad else ''))
         lines.append(f'| {c} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
@@ -226,14 +248,15 @@ def _mean(xs):
 
 def ef_rows(rows) -> str:
     "Markdown: EF MAE, bias and r (predicted vs reference masks) per configuration and label fraction, mean over seeds."
-    lines = ['| configuration | labels | EF MAE (%) | bias (%) | r | n runs |', '|---|---|---|---|---|---|']
+    lines = ['| configuration | labels | EF MAE (%) | bias (%) | r | n runs | patients scored / dropped |', '|---|---|---|---|---|---|---|']
     groups = {}
     for r in rows:
         ef = (r.get('test') or {}).get('EF', {}).get('ef') if r['status'] == 'done' else None
         if ef: groups.setdefault((config_name(r), r['label_fraction']), []).append(ef)
     for (c, lf), efs in groups.items():
         m = lambda k: _mean([e.get(k) for e in efs])
-        lines.append(f"| {c} | {lf:.0%} | {m('mae'):.1f} | {m('bias'):+.1f} | {m('r'):.2f} | {len(efs)} |")
+        n = lambda k: sum(int(e.get(k) or 0) for e in efs)          # summed over the runs
+        lines.append(f"| {c} | {lf:.0%} | {m('mae'):.1f} | {m('bias'):+.1f} | {m('r'):.2f} | {len(efs)} | {n('n')} / {n('n_dropped')} |")
     return '\n'.join(lines)
 
 def figure2(rows, out_root, fractions=None, seed=0, n_clips=3, frame=9, device='cpu'):

@@ -180,20 +180,22 @@ def ef_table(cases, reference_ef=None, n_discs=20, strict=True) -> list:
     return rows
 
 def agreement(pred, ref) -> dict:
-    "n, MAE, bias = mean(pred - ref), std of the differences (ddof=1), Pearson r; pairs with a missing value are skipped."
+    "n, MAE, bias = mean(pred - ref), std of the differences (ddof=1), Pearson r; pairs with a missing value are skipped (`n_dropped`)."
     p, r = (np.array([np.nan if x is None else x for x in v], np.float64) for v in (pred, ref))
     if p.shape != r.shape: raise ValueError(f"paired values need equal lengths, got {p.size} and {r.size}")
     ok = np.isfinite(p) & np.isfinite(r); p, r = p[ok], r[ok]; d = p - r
     spread = p.size > 1 and p.std() > 0 and r.std() > 0
-    return dict(n=int(p.size), mae=float(np.abs(d).mean()) if p.size else None, bias=float(d.mean()) if p.size else None,
+    return dict(n=int(p.size), n_dropped=int((~ok).sum()), mae=float(np.abs(d).mean()) if p.size else None, bias=float(d.mean()) if p.size else None,
                 std=float(d.std(ddof=1)) if p.size > 1 else None, r=float(np.corrcoef(p, r)[0, 1]) if spread else None)
 
-def ef_summary(rows) -> dict:
-    "`agreement` of predicted vs reference EDV, ESV, EF; and EF vs the cfg's (`ef_vs_cfg`, `ef_ref_vs_cfg`) when present."
+def ef_summary(rows, n_incomplete=0) -> dict:
+    """`agreement` of predicted vs reference EDV, ESV, EF; and EF vs the cfg's (`ef_vs_cfg`, `ef_ref_vs_cfg`) when present.
+    Each counts in `n_dropped` the patients it leaves out: a missing value (an empty ES mask) or, `n_incomplete`, a missing view or phase."""
     col = lambda k: [r[k] for r in rows]
     out = {q: agreement(col(f'{q}_pred'), col(f'{q}_ref')) for q in ('edv', 'esv', 'ef')}
     if any(r.get('ef_cfg') is not None for r in rows):
         out.update(ef_vs_cfg=agreement(col('ef_pred'), col('ef_cfg')), ef_ref_vs_cfg=agreement(col('ef_ref'), col('ef_cfg')))
+    for v in out.values(): v['n_dropped'] += int(n_incomplete)
     return out
 
 def plot_ef(rows, ax=None, reference='ref'):

@@ -7,6 +7,7 @@ __all__ = ['run', 'torchrun_command', 'launch', 'main']
 
 # %% ../nbs/18_pipeline.ipynb #91bf6e1e
 import json, os, shlex, subprocess, sys, time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch.distributed as dist
@@ -15,15 +16,21 @@ from .core import init_distributed, write_text_atomic, gather_fingerprints
 from .metrics import ef_table, plot_ef
 from .training import plot_losses, qualitative_figure
 from .diagnostics import read_diagnostics, plot_diagnostics
-from .config import RunConfig, validate, load_config, prepare_run_dir, END_TO_END
-from .stages import (prepare_data, clips, check_data, pretrain, pretrained_encoder, train_segmenter, evaluate_split)
+from .config import RunConfig, validate, load_config, prepare_run_dir, run_lock, END_TO_END
+from .stages import (prepare_data, clips, check_data, check_resume, pretrain, pretrained_encoder, train_segmenter, evaluate_split)
 
 # %% ../nbs/18_pipeline.ipynb #1d57d9ff
 def run(c: RunConfig, on_epoch_end=None) -> dict:
-    "Pretrain → probe → evaluate, writing everything into the run folder; returns the metrics summary and paths."
+    "Pretrain → probe → evaluate, writing everything into the run folder (locked for the whole run); returns the metrics summary and paths."
     c = validate(c)
     d = init_distributed(c.device)
-    if d.is_main: prepare_run_dir(c)
+    with run_lock(c.out_dir) if d.is_main else nullcontext():        # one run per folder, from before its first write
+        return _run(c, d, on_epoch_end)
+
+def _run(c: RunConfig, d, on_epoch_end=None) -> dict:
+    if d.is_main:
+        prepare_run_dir(c)
+        check_resume(c)                     # a damaged checkpoint is named before any work
     d.barrier()
     out = Path(c.out_dir)
     t0 = time.perf_counter()
@@ -71,9 +78,11 @@ def launch(c: RunConfig, on_epoch_end=None) -> dict:
     c = validate(c)
     if c.nproc_per_node * c.nnodes == 1 or 'WORLD_SIZE' in os.environ: return run(c, on_epoch_end)
     if on_epoch_end is not None: raise ValueError("on_epoch_end cannot cross into torchrun processes")
-    out = prepare_run_dir(c)
-    cmd = torchrun_command(c, out / 'config.json')
-    proc = subprocess.run(cmd, env={**os.environ, 'OMP_NUM_THREADS': os.environ.get('OMP_NUM_THREADS', '1')})
+    with run_lock(c.out_dir) as out:                                 # held for the torchrun processes, which skip it
+        prepare_run_dir(c)
+        cmd = torchrun_command(c, out / 'config.json')
+        proc = subprocess.run(cmd, env={**os.environ, 'OMP_NUM_THREADS': os.environ.get('OMP_NUM_THREADS', '1'),
+                                        'USJEPA_RUN_LOCK': str(out.resolve())})
     if proc.returncode: raise RuntimeError(f"torchrun failed with exit code {proc.returncode}: {shlex.join(cmd)}")
     return json.loads((out / 'summary.json').read_text()) if c.node_rank == 0 else dict(out_dir=str(out))
 

@@ -150,7 +150,8 @@ class SegMetrics:
             sel = np.array([p == ph for p in self.phase], bool)
             if sel.any(): res[ph] = self._summary(sel)
         rows = ef_table(self, strict=False)
-        if rows: res['EF'] = ef_summary(rows)
+        incomplete = len({k[0] for k in self.lv}) - len(rows) if self.lv else 0    # patients without both views at ED and ES
+        if rows: res['EF'] = ef_summary(rows, n_incomplete=incomplete)
         return res
 
     @property
