@@ -14,8 +14,8 @@ from timm.models.vision_transformer import Block
 from .model import sincos_pos_embed_3d
 
 # %% auto #0
-__all__ = ['freeze_encoder', 'frozen_features', 'encoder_geometry', 'CrossAttention', 'CrossAttentionBlock', 'AttentiveProbe',
-           'split_patch', 'ConvDecoder', 'SegmentationHead']
+__all__ = ['freeze_encoder', 'frozen_features', 'encoder_geometry', 'LayerFeatures', 'CrossAttention', 'CrossAttentionBlock',
+           'AttentiveProbe', 'split_patch', 'ConvDecoder', 'SegmentationHead']
 
 # %% ../nbs/13_probe.ipynb #a8277941
 def freeze_encoder(encoder: nn.Module) -> nn.Module:
@@ -40,6 +40,22 @@ def encoder_geometry(encoder):
     t, p, p2 = encoder.patch_embed.proj.kernel_size
     if p != p2: raise ValueError(f"non-square patches {p}x{p2} are not supported")
     return tuple(encoder.grid), int(encoder.embed_dim), int(t), int(p)
+
+# %% ../nbs/13_probe.ipynb #7b463e2a
+class LayerFeatures(nn.Module):
+    "A frozen encoder whose features are the outputs of blocks `out_layers` (each through the final norm), concatenated along the tokens."
+    def __init__(self, encoder, out_layers):
+        super().__init__()
+        self.encoder, self.out_layers = encoder, tuple(encoder._out_layers(out_layers))
+
+    @property
+    def grid(self): return self.encoder.grid
+    @property
+    def embed_dim(self): return self.encoder.embed_dim
+    @property
+    def patch_embed(self): return self.encoder.patch_embed
+
+    def forward(self, video): return torch.cat(self.encoder(video, out_layers=self.out_layers), dim=1)
 
 # %% ../nbs/13_probe.ipynb #ce1e229a
 class CrossAttention(nn.Module):
