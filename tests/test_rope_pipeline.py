@@ -18,7 +18,7 @@ def tiny(tmp_path, name, **kw): return RunConfig(**{**TINY, 'out_dir': str(tmp_p
 
 
 def test_rope_run_end_to_end_and_its_checkpoint_starts_the_next(tmp_path):
-    c = tiny(tmp_path, 'rope', pos_embed='rope', probe_depth=2, out_layers='10,11')
+    c = tiny(tmp_path, 'rope', pos_embed='rope', probe_depth=2, probe_blocks_on='tokens', out_layers='10,11')
     res = run(c)
     out = Path(res['out_dir'])
     logs = [json.loads(l) for l in (out / 'pretrain_log.jsonl').read_text().splitlines()]
@@ -32,6 +32,7 @@ def test_rope_run_end_to_end_and_its_checkpoint_starts_the_next(tmp_path):
     # a finished RoPE run loads with its multi-layer features and its deeper probe
     cfg, enc, head = load_run(out)
     assert isinstance(enc, LayerFeatures) and enc.out_layers == (10, 11) and len(head.probe.blocks) == 1
+    assert head.probe.blocks_on == 'tokens' and head.probe.blocks[0].norm1.normalized_shape == (192,)   # V-JEPA 2's place
     with torch.no_grad(): assert head(enc(torch.randn(1, 3, 4, 32, 32))).shape == (1, 4, 4, 32, 32)
     # its checkpoint starts another RoPE run with every tensor fitted; a sin-cos run refuses it before any work
     c2 = tiny(tmp_path, 'rope2', pos_embed='rope', method='vjepa', init_checkpoint=str(out / 'pretrain.pt'), probe_epochs=1)

@@ -16,6 +16,7 @@ from .data import VIEWS, find_camus_root
 import torch
 from .masking import check_mask_grid
 from .model import MODEL_SIZES, POS_EMBEDS, build_encoder, build_predictor
+from .probe import PROBE_BLOCKS_ON
 from .checkpoints import check_checkpoint, open_checkpoint
 from .videomae import build_videomae, load_videomae
 
@@ -75,6 +76,7 @@ class RunConfig:
     probe_batch_size: int = 8
     probe_dim: int = 192            # width of the attentive probe
     probe_depth: int = 1            # probe blocks: the cross-attention + probe_depth-1 self-attention blocks (V-JEPA 2: 4)
+    probe_blocks_on: str = 'queries' # where those self-attention blocks run: queries (after, V-JEPA) | tokens (before, V-JEPA 2)
     out_layers: str = ''            # '' (the last block) or comma-separated encoder blocks whose normed outputs the probe reads (V-JEPA 2)
     pretrained_run: str = ''        # '' or a finished run folder with this run's pretraining parameters: probe its encoder, skip pretraining
     # evaluation
@@ -95,7 +97,7 @@ class RunConfig:
 
     # fields that do not change what a run computes: they may differ when resuming
     # fields that do not change the pretraining: runs that differ only in these can share one (`pretrained_run`)
-    PROBE_ONLY = ('label_fraction', 'probe_epochs', 'probe_lr', 'probe_batch_size', 'probe_dim', 'probe_depth', 'out_layers', 'eval_resolution',
+    PROBE_ONLY = ('label_fraction', 'probe_epochs', 'probe_lr', 'probe_batch_size', 'probe_dim', 'probe_depth', 'probe_blocks_on', 'out_layers', 'eval_resolution',
                   'unet_base', 'unet_frames', 'pretrained_run')
     RUN_ONLY = ('resume', 'num_workers', 'progress', 'device', 'out_dir', 'nproc_per_node', 'nnodes', 'node_rank',
                 'master_addr', 'master_port', 'activation_checkpointing')
@@ -181,6 +183,7 @@ def _value_problems(c: RunConfig) -> list:
     need(c.pos_embed in POS_EMBEDS, f"pos_embed={c.pos_embed!r} is unknown; choose one of {POS_EMBEDS}")
     need(c.pos_embed == 'sincos' or c.method != 'videomae', f"pos_embed={c.pos_embed!r}: VideoMAE has its own sin-cos table; use pos_embed='sincos'")
     need(c.probe_depth >= 1, f"probe_depth={c.probe_depth} must be >= 1")
+    need(c.probe_blocks_on in PROBE_BLOCKS_ON, f"probe_blocks_on={c.probe_blocks_on!r}: choose one of {PROBE_BLOCKS_ON}")
     need(c.predictor_heads >= 0, f"predictor_heads={c.predictor_heads} must be >= 0 (0: the encoder's)")
     if c.model in MODEL_SIZES:
         dim, depth, heads = MODEL_SIZES[c.model]

@@ -201,15 +201,17 @@ def _shard(n, d: Dist):
     if per == 0: raise ValueError(f"{n} clips cannot be shared by {d.world} processes")
     return list(range(d.rank * per, (d.rank + 1) * per))
 
+def _head_kwargs(c: RunConfig): return dict(probe_dim=c.probe_dim, depth=c.probe_depth, blocks_on=c.probe_blocks_on)
+
 def build_segmenter(c: RunConfig, encoder=None):
     "What the stage trains: a head on the frozen `encoder`, or (end-to-end methods) the whole segmenter; + load report."
     if c.method == 'unet': return ClipUNet(k=c.unet_frames // 2, base=c.unet_base), None
-    if c.method != 'supervised': return SegmentationHead.from_encoder(encoder, probe_dim=c.probe_dim, depth=c.probe_depth), None
+    if c.method != 'supervised': return SegmentationHead.from_encoder(encoder, **_head_kwargs(c)), None
     enc = build_encoder(c.model, **encoder_kwargs(c))
     report = load_checkpoint(c.init_checkpoint, enc, partial=c.init_partial) if c.init_checkpoint else None
     enc.set_grad_checkpointing(c.activation_checkpointing)
     if c.frozen_blocks: enc.freeze_blocks(c.frozen_blocks)
-    return EndToEnd(enc, SegmentationHead.from_encoder(enc, probe_dim=c.probe_dim, depth=c.probe_depth)), report
+    return EndToEnd(enc, SegmentationHead.from_encoder(enc, **_head_kwargs(c))), report
 
 def train_segmenter(c: RunConfig, root, encoder, d: Dist = Dist(), on_epoch_end=None):
     """Train probe + decoder on frozen features of the labelled training clips (or, with `encoder=None`, the whole
