@@ -75,10 +75,11 @@ def _setup(model, steps, batch, device, amp, seed):
     return dev, {None: torch.bfloat16 if dev.type == 'cuda' else None, 'bf16': torch.bfloat16, 'none': None}[amp]
 
 def bench_step(model='vit_tiny', img_size=112, frames=16, batch=4, lam=1.0, steps=10, warmup=3, device='auto',
-               amp=None, peak_tflops=989., pred_depth=12, pred_dim=384, freeze=0, n_pairs=100, seed=0, checkpointing=False):
+               amp=None, peak_tflops=989., pred_depth=12, pred_dim=384, freeze=0, n_pairs=100, seed=0, checkpointing=False,
+               pos_embed='sincos'):
     "Time `pretrain_step`; returns dict with ms_per_step, clips_per_s, peak_mem_mb, flops_per_step, mfu (GPU)."
     dev, amp_dtype = _setup(model, steps, batch, device, amp, seed)
-    enc = build_encoder(model, img_size=img_size, num_frames=frames).freeze_blocks(freeze)
+    enc = build_encoder(model, img_size=img_size, num_frames=frames, pos_embed=pos_embed).freeze_blocks(freeze)   # rope: V-JEPA 2's
     pred = build_predictor(enc, predictor_embed_dim=pred_dim, depth=pred_depth)
     jepa = VJEPA(enc.set_grad_checkpointing(checkpointing), pred.set_grad_checkpointing(checkpointing)).to(dev)
     groups = param_groups(jepa, 0.04)
@@ -255,6 +256,7 @@ def _parser():
     s.add_argument('--peak-tflops', type=float, default=989.); s.add_argument('--pred-depth', type=int, default=12)
     s.add_argument('--freeze', type=int, default=0, help='freeze the first N encoder blocks')
     s.add_argument('--checkpointing', action='store_true', help='activation checkpointing in encoder and predictor')
+    s.add_argument('--pos-embed', choices=['sincos', 'rope'], default='sincos', help="vjepa: rope builds V-JEPA 2's models")
     l = sub.add_parser('loader', parents=[out], help='data loading speed (benchmark_loader)')
     l.add_argument('--root', default=None, help='CAMUS root; default: a small synthetic phantom in a temporary folder')
     l.add_argument('--img-size', type=int, default=112); l.add_argument('--frames', type=int, default=16)
@@ -316,7 +318,8 @@ def main(argv=None):
                                   a.ratio, freeze=a.freeze, checkpointing=a.checkpointing)
     elif a.cmd == 'step':
         res = bench_step(a.model, a.img_size, a.frames, a.batch, a.lam, a.steps, a.warmup, a.device, a.amp,
-                         a.peak_tflops, a.pred_depth, freeze=a.freeze, checkpointing=a.checkpointing)
+                         a.peak_tflops, a.pred_depth, freeze=a.freeze, checkpointing=a.checkpointing,
+                         pos_embed=a.pos_embed)
     elif a.cmd == 'loader': res = _loader(a)
     elif a.cmd == 'diagnostics': res = _diagnostics(a)
     elif a.cmd == 'phantom':

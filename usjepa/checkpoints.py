@@ -61,6 +61,13 @@ def state_shapes(target):
 def _first(items, n=3):
     return ', '.join(str(i) for i in items[:n]) + (', ...' if len(items) > n else '')
 
+def _positions_problem(own, state, what):
+    "A message when the file and the model encode positions differently (a sin-cos table in one, RoPE in the other), else None."
+    kind = lambda keys: 'a sin-cos table' if any(k in _FIXED for k in keys) else 'RoPE (no table)'
+    if not any('blocks.' in k for k in state): return None           # not a ViT part: nothing to compare
+    if kind(own) != kind(state):
+        return f"positions differ: the file's {what} uses {kind(state)}, this {what} {kind(own)} (pos_embed='sincos'/'rope')"
+
 def fit_state(own, state, what, source, path, partial, strict):
     "Compare `state` with the shapes `own`; refuse what does not fit unless `partial`; the report and the fitting keys."
     fitting, mismatched, recomputed = [], [], []
@@ -76,11 +83,14 @@ def fit_state(own, state, what, source, path, partial, strict):
             fitting.append(k)
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    report = dict(missing=missing, unexpected=unexpected, mismatched=mismatched, recomputed=recomputed, loaded=len(fitting))
-    refuse = (not fitting) or (not partial and (missing or mismatched)) or (strict and unexpected)
+    positions = _positions_problem(own, state, what)
+    report = dict(missing=missing, unexpected=unexpected, mismatched=mismatched, recomputed=recomputed, loaded=len(fitting),
+                  positions=positions)
+    refuse = (not fitting) or (not partial and (missing or mismatched or positions)) or (strict and unexpected)
     if refuse:
         raise ValueError(
             f"{path}: entry {source or '(bare state dict)'!r} does not fit the {what} ({len(own)} tensors, {len(fitting)} fit): "
+            + (f"{positions}; " if positions else "") +
             f"{len(missing)} missing [{_first(missing)}], "
             f"{len(mismatched)} mis-shaped [{_first([f'{k} file {a} vs model {b}' for k, a, b in mismatched])}], "
             f"{len(unexpected)} unexpected [{_first(unexpected)}]"

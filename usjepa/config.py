@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['METHODS', 'END_TO_END', 'PRECISIONS', 'PAPER_PRESET', 'PAPER_INPUTS', 'PATHS', 'BEFORE_CONFIG', 'RunConfig',
-           'paper_config', 'normal_form', 'validate', 'check_injected_parameters', 'check_run_folder', 'run_lock',
-           'load_config', 'prepare_run_dir']
+           'paper_config', 'parse_layers', 'encoder_kwargs', 'predictor_kwargs', 'normal_form', 'validate',
+           'check_injected_parameters', 'check_run_folder', 'run_lock', 'load_config', 'prepare_run_dir']
 
 # %% ../nbs/16_config.ipynb #8c5070fb
 import ast, json, math, os, re, socket, time
@@ -18,7 +18,8 @@ from .core import resolve_device, write_text_atomic, remove_stale_temporaries
 from .data import VIEWS, find_camus_root, check_splits
 import torch
 from .masking import check_mask_grid
-from .model import MODEL_SIZES, build_encoder, build_predictor
+from .model import MODEL_SIZES, POS_EMBEDS, build_encoder, build_predictor
+from .probe import PROBE_BLOCKS_ON
 from .checkpoints import check_checkpoint, open_checkpoint
 from .videomae import build_videomae, load_videomae
 
@@ -48,10 +49,12 @@ class RunConfig:
     frame_step: int = 4             # step between sampled frames
     augment: bool = True            # V-JEPA's pretraining augmentation: one random resized crop + flip per clip
     # model
-    model: str = 'vit_tiny'         # vit_tiny | vit_small | vit_base | vit_large | vit_huge
+    model: str = 'vit_tiny'         # vit_tiny | vit_small | vit_base | vit_large | vit_huge | vit_giant (V-JEPA 2's ViT-g)
+    pos_embed: str = 'sincos'       # sincos (V-JEPA's fixed 3D table) | rope (V-JEPA 2's rotary positions in every attention)
     patch_size: int = 8             # spatial patch (16 for the published weights); tubelets are 2 frames
     predictor_dim: int = 192        # predictor width (384 in V-JEPA); videomae: the decoder's (VideoMAE ViT-L: 512, depth 4)
     predictor_depth: int = 4        # predictor depth (12 in V-JEPA)
+    predictor_heads: int = 0        # predictor heads; 0 = the encoder's (V-JEPA); V-JEPA 2's published predictors: 12
     mae_ratio: float = 0.9          # videomae: share of tubelets hidden by the tube mask (VideoMAE: 0.9)
     init_checkpoint: str = ''       # '' or a checkpoint: V-JEPA's (encoder + predictor), VideoMAE's for videomae, an encoder for supervised
     init_partial: bool = False      # accept an init_checkpoint that fits only in part (default: every tensor must load)
@@ -79,6 +82,9 @@ class RunConfig:
     probe_lr: float = 1e-3          # cosine from probe_lr to 0 (the paper's setting)
     probe_batch_size: int = 8
     probe_dim: int = 192            # width of the attentive probe
+    probe_depth: int = 1            # probe blocks: the cross-attention + probe_depth-1 self-attention blocks (V-JEPA 2: 4)
+    probe_blocks_on: str = 'queries' # where those self-attention blocks run: queries (after, V-JEPA) | tokens (before, V-JEPA 2)
+    out_layers: str = ''            # '' (the last block) or comma-separated encoder blocks whose normed outputs the probe reads (V-JEPA 2)
     pretrained_run: str = ''        # '' or a finished run folder with this run's pretraining parameters: probe its encoder, skip pretraining
     # evaluation
     eval_resolution: str = 'native' # native (each file's own size and spacing, as CAMUS) | input (the network's img_size)
@@ -100,7 +106,7 @@ class RunConfig:
 
     # fields that do not change what a run computes: they may differ when resuming
     # fields that do not change the pretraining: runs that differ only in these can share one (`pretrained_run`)
-    PROBE_ONLY = ('label_fraction', 'probe_epochs', 'probe_lr', 'probe_batch_size', 'probe_dim', 'eval_resolution',
+    PROBE_ONLY = ('label_fraction', 'probe_epochs', 'probe_lr', 'probe_batch_size', 'probe_dim', 'probe_depth', 'probe_blocks_on', 'out_layers', 'eval_resolution',
                   'unet_base', 'unet_frames', 'pretrained_run')
     RUN_ONLY = ('resume', 'num_workers', 'progress', 'device', 'out_dir', 'nproc_per_node', 'nnodes', 'node_rank',
                 'master_addr', 'master_port', 'activation_checkpointing', 'diagnostics', 'diag_clips')
@@ -134,6 +140,19 @@ def _views(views) -> tuple:
     "'2CH,4CH' or a list -> tuple of views."
     vs = tuple(v.strip() for v in views.split(',')) if isinstance(views, str) else tuple(views)
     return tuple(v for v in vs if v)
+
+def parse_layers(out_layers) -> tuple:
+    "'24,29' or a list -> (24, 29); '' -> () (the encoder's last block)."
+    if isinstance(out_layers, str): return tuple(int(v) for v in out_layers.split(',') if v.strip())
+    return tuple(int(v) for v in out_layers)
+
+def encoder_kwargs(c: RunConfig) -> dict:
+    "What `build_encoder(c.model, ...)` needs besides the size, for every stage alike."
+    return dict(img_size=c.img_size, num_frames=c.num_frames, patch_size=c.patch_size, pos_embed=c.pos_embed)
+
+def predictor_kwargs(c: RunConfig) -> dict:
+    "What `build_predictor(encoder, ...)` needs."
+    return dict(predictor_embed_dim=c.predictor_dim, depth=c.predictor_depth, num_heads=c.predictor_heads or None)
 
 def _value_problems(c: RunConfig) -> list:
     p = []
@@ -171,7 +190,24 @@ def _value_problems(c: RunConfig) -> list:
     if c.data_dir:
         try: check_splits(find_camus_root(c.data_dir))          # a leaking split is found before any work
         except Exception as e: p.append(f"data_dir={c.data_dir!r}: {e}")
-    big = c.model in ('vit_large', 'vit_huge')
+    need(c.pos_embed in POS_EMBEDS, f"pos_embed={c.pos_embed!r} is unknown; choose one of {POS_EMBEDS}")
+    need(c.pos_embed == 'sincos' or c.method != 'videomae', f"pos_embed={c.pos_embed!r}: VideoMAE has its own sin-cos table; use pos_embed='sincos'")
+    need(c.probe_depth >= 1, f"probe_depth={c.probe_depth} must be >= 1")
+    need(c.probe_blocks_on in PROBE_BLOCKS_ON, f"probe_blocks_on={c.probe_blocks_on!r}: choose one of {PROBE_BLOCKS_ON}")
+    need(c.predictor_heads >= 0, f"predictor_heads={c.predictor_heads} must be >= 0 (0: the encoder's)")
+    if c.model in MODEL_SIZES:
+        dim, depth, heads = MODEL_SIZES[c.model]
+        p_heads = c.predictor_heads or heads
+        need(c.predictor_dim % p_heads == 0, f"predictor_dim={c.predictor_dim} is not divisible by the predictor's {p_heads} heads")
+        if c.pos_embed == 'rope':
+            need(c.predictor_dim // p_heads >= 6, f"predictor_dim={c.predictor_dim} over {p_heads} heads: RoPE needs >= 6 channels per head")
+        try:
+            layers = parse_layers(c.out_layers)
+            need(len(set(layers)) == len(layers) and all(0 <= l < depth for l in layers),
+                 f"out_layers={c.out_layers!r} must name distinct blocks in 0..{depth - 1} (the depth of {c.model})")
+        except ValueError: p.append(f"out_layers={c.out_layers!r} must be comma-separated block numbers, e.g. '5,11'")
+        need(not c.out_layers or c.method not in END_TO_END, f"out_layers={c.out_layers!r}: {c.method} has no frozen encoder to read layers of")
+    big = c.model in ('vit_large', 'vit_huge', 'vit_giant')
     if not c.init_checkpoint and not (c.from_scratch or c.method in END_TO_END) and (big or c.frozen_blocks > 0):
         p.append(f"model={c.model!r}, frozen_blocks={c.frozen_blocks} without init_checkpoint: the paper continues from the "
                  "published weights (freezing random blocks means nothing); pass init_checkpoint, or from_scratch=True")
@@ -200,14 +236,14 @@ def _input_problems(c: RunConfig) -> list:
         try: check_mask_grid(grid, min_targets=2 if c.method == 'vjepa_ll' and c.lam < 1 else 1)
         except ValueError as e: p.append(f"img_size={c.img_size}, patch_size={c.patch_size}, num_frames={c.num_frames}: {e}")
     if c.init_checkpoint:                                            # checked against models on the meta device: no memory
-        geometry = dict(img_size=c.img_size, num_frames=c.num_frames, patch_size=c.patch_size)
+        geometry = dict(img_size=c.img_size, num_frames=c.num_frames, patch_size=c.patch_size)     # VideoMAE: no pos_embed choice
         try:
             with torch.device('meta'):
                 if c.method == 'videomae':
                     mae = build_videomae(c.model, decoder_dim=c.predictor_dim, decoder_depth=c.predictor_depth, **geometry)
                 else:
-                    enc = build_encoder(c.model, **geometry)
-                    pred = build_predictor(enc, predictor_embed_dim=c.predictor_dim, depth=c.predictor_depth)
+                    enc = build_encoder(c.model, **encoder_kwargs(c))
+                    pred = build_predictor(enc, **predictor_kwargs(c))
             if c.method == 'videomae': load_videomae(c.init_checkpoint, mae, partial=c.init_partial, load=False)
             else: check_checkpoint(c.init_checkpoint, enc, None if c.method == 'supervised' else pred, partial=c.init_partial)
         except (ValueError, FileNotFoundError) as e: p.append(f"init_checkpoint={c.init_checkpoint!r}: {e}")
@@ -239,7 +275,7 @@ def normal_form(c: RunConfig) -> RunConfig:
     lam = float(c.lam) if c.method == 'vjepa_ll' else 1.0             # λ means something for vjepa_ll only
     out = c.out_dir or f"runs/{c.method}-lam{lam:g}-seed{c.seed}"
     stages = dict(pretrain_epochs=0, warmup_epochs=0) if c.method in END_TO_END else {}   # nothing to pretrain
-    return replace(c, out_dir=str(out), views=','.join(_views(c.views)), lam=lam,
+    return replace(c, out_dir=str(out), views=','.join(_views(c.views)), lam=lam, out_layers=','.join(map(str, sorted(parse_layers(c.out_layers)))),
                    label_fraction=float(c.label_fraction), **stages)
 
 def validate(c: RunConfig) -> RunConfig:

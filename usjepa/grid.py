@@ -34,6 +34,16 @@ PRESETS = dict(
               methods=('unet', 'vjepa', 'vjepa_ll'), lams=(0.25,), frozen_blocks=(0,), label_fractions=(1.0, 0.5),
               seeds=(0,), per_method={}),
 )
+# the paper's V-JEPA rows continued from V-JEPA 2's weights instead (256 px, 16 frames, RoPE, its 384x12 predictor with 12
+# heads, its 4-block probe on 4 layers); init_checkpoint: vitl.pt / vitg.pt from facebookresearch/vjepa2
+_VJEPA2_BASE = {**_PAPER_BASE, 'img_size': 256, 'pos_embed': 'rope', 'predictor_heads': 12, 'probe_depth': 4,
+                'probe_blocks_on': 'tokens'}
+PRESETS['paper_vjepa2'] = dict(base={**_VJEPA2_BASE, 'out_layers': '17,19,21,23'}, methods=('vjepa', 'vjepa_ll'),
+                               lams=(0.9, 0.75, 0.5, 0.25), frozen_blocks=(0, 12, 16), label_fractions=(1.0, 0.5, 0.2, 0.1),
+                               seeds=(0,), per_method={})
+PRESETS['paper_vjepa2_g'] = dict(base={**_VJEPA2_BASE, 'model': 'vit_giant', 'out_layers': '24,29,34,39'}, methods=('vjepa', 'vjepa_ll'),
+                                 lams=(0.9, 0.75, 0.5, 0.25), frozen_blocks=(0, 20, 27),
+                                 label_fractions=(1.0, 0.5, 0.2, 0.1), seeds=(0,), per_method={})
 
 def scaled_blocks(blocks, depth, of=24):
     "The paper's frozen-block counts (of ViT-L's 24) for an encoder of `depth` blocks: 12 of 24 is 6 of 12."

@@ -4,14 +4,14 @@
 
 # %% auto #0
 __all__ = ['token_coords', 'relative_offsets', 'sample_pairs', 'LocalizationHead', 'split_pairs', 'localization_loss',
-           'chance_loss', 'LocalizationLoss']
+           'chance_loss', 'target_chance_loss', 'LocalizationLoss']
 
 # %% ../nbs/08_localization.ipynb #be16d6ea
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
-from .masking import check_grid
+from .masking import check_grid, vjepa_masks, VJEPA_MASKS
 
 # %% ../nbs/08_localization.ipynb #dad648c2
 def token_coords(idx: torch.Tensor, # (..., K) int64 flat token indices (time-major)
@@ -125,6 +125,20 @@ def chance_loss(grid) -> float:
     if n < 2:
         raise ValueError(f"grid {grid} has fewer than 2 tokens")
     return sum((g * g - 1) / (6 * g * g) for g in grid) * n / (n - 1)
+
+# %% ../nbs/08_localization.ipynb #4e4bc415
+def target_chance_loss(grid, configs=VJEPA_MASKS, n_pairs=100, draws=200, batch_size=4, seed=0) -> float:
+    "L_ll of the position-blind predictor (Δ̂ = 0) for the pairs the loss draws: among the targets of V-JEPA's masks (Monte Carlo)."
+    grid = check_grid(grid)
+    g = torch.Generator().manual_seed(seed)
+    total, count = 0., 0
+    for _ in range(draws):
+        for (_, tgt), p in zip(vjepa_masks(batch_size, grid, g, configs), split_pairs(n_pairs, len(configs))):
+            if p == 0: continue
+            a, b = sample_pairs(tgt.shape[1], batch_size, p, g)
+            d = relative_offsets(token_coords(tgt.gather(1, a), grid), token_coords(tgt.gather(1, b), grid), grid)
+            total, count = total + d.pow(2).sum().item(), count + a.numel()
+    return total / count
 
 # %% ../nbs/08_localization.ipynb #b73d39d9
 class LocalizationLoss(nn.Module):

@@ -17,7 +17,8 @@ from .metrics import ef_table, plot_ef
 from .training import plot_losses, qualitative_figure
 from .diagnostics import read_diagnostics, plot_diagnostics
 from .config import RunConfig, validate, load_config, prepare_run_dir, run_lock, END_TO_END
-from .stages import (prepare_data, clips, check_data, check_resume, pretrain, pretrained_encoder, train_segmenter, evaluate_split)
+from .stages import (prepare_data, clips, check_data, check_resume, pretrain, pretrained_encoder, probe_encoder,
+                           train_segmenter, evaluate_split)
 
 # %% ../nbs/18_pipeline.ipynb #1d57d9ff
 def run(c: RunConfig, on_epoch_end=None) -> dict:
@@ -42,6 +43,7 @@ def _run(c: RunConfig, d, on_epoch_end=None) -> dict:
     elif c.method not in END_TO_END:
         model = pretrain(c, root, d, on_epoch_end)
         encoder = model.encoder if c.method == 'videomae' else model.target_encoder   # V-JEPA evaluates the EMA encoder
+    encoder = probe_encoder(c, encoder)     # out_layers: the probe reads those blocks
     head = train_segmenter(c, root, encoder, d, on_epoch_end)
     res = dict(out_dir=str(out), rank_fingerprints=gather_fingerprints(d, *[m for m in (encoder, head) if m is not None]))
     if d.is_main:

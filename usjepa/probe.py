@@ -14,8 +14,8 @@ from timm.models.vision_transformer import Block
 from .model import sincos_pos_embed_3d
 
 # %% auto #0
-__all__ = ['freeze_encoder', 'frozen_features', 'encoder_geometry', 'CrossAttention', 'CrossAttentionBlock', 'AttentiveProbe',
-           'split_patch', 'ConvDecoder', 'SegmentationHead']
+__all__ = ['PROBE_BLOCKS_ON', 'freeze_encoder', 'frozen_features', 'encoder_geometry', 'LayerFeatures', 'CrossAttention',
+           'CrossAttentionBlock', 'AttentiveProbe', 'split_patch', 'ConvDecoder', 'SegmentationHead']
 
 # %% ../nbs/13_probe.ipynb #a8277941
 def freeze_encoder(encoder: nn.Module) -> nn.Module:
@@ -41,7 +41,25 @@ def encoder_geometry(encoder):
     if p != p2: raise ValueError(f"non-square patches {p}x{p2} are not supported")
     return tuple(encoder.grid), int(encoder.embed_dim), int(t), int(p)
 
+# %% ../nbs/13_probe.ipynb #7b463e2a
+class LayerFeatures(nn.Module):
+    "A frozen encoder whose features are the outputs of blocks `out_layers` (each through the final norm), concatenated along the tokens."
+    def __init__(self, encoder, out_layers):
+        super().__init__()
+        self.encoder, self.out_layers = encoder, tuple(encoder._out_layers(out_layers))
+
+    @property
+    def grid(self): return self.encoder.grid
+    @property
+    def embed_dim(self): return self.encoder.embed_dim
+    @property
+    def patch_embed(self): return self.encoder.patch_embed
+
+    def forward(self, video): return torch.cat(self.encoder(video, out_layers=self.out_layers), dim=1)
+
 # %% ../nbs/13_probe.ipynb #ce1e229a
+PROBE_BLOCKS_ON = ('queries', 'tokens')
+
 class CrossAttention(nn.Module):
     "Multi-head cross-attention: queries of width `dim` attend to context of width `kv_dim`."
     def __init__(self, dim, kv_dim, num_heads=8, qkv_bias=True):
@@ -73,16 +91,20 @@ class CrossAttentionBlock(nn.Module):
 class AttentiveProbe(nn.Module):
     "One learnable query per grid cell cross-attends to frozen tokens `(B, N, D)` -> `(B, N, probe_dim)`."
     def __init__(self, grid, embed_dim, probe_dim=256, num_heads=8, depth=1, mlp_ratio=4.0, qkv_bias=True,
-                 init_std=0.02):
+                 init_std=0.02, blocks_on='queries'):
         super().__init__()
+        if blocks_on not in PROBE_BLOCKS_ON: raise ValueError(f"blocks_on={blocks_on!r}: choose one of {PROBE_BLOCKS_ON}")
+        if depth < 1: raise ValueError(f"probe depth must be >= 1, got {depth}")
+        self.blocks_on = blocks_on
         self.grid = tuple(int(g) for g in grid)
         self.num_queries = math.prod(self.grid)
         self.embed_dim, self.probe_dim = embed_dim, probe_dim
         self.query_tokens = nn.Parameter(torch.zeros(1, self.num_queries, probe_dim))
         self.register_buffer('pos_embed', sincos_pos_embed_3d(probe_dim, self.grid)[None], persistent=False)
         self.cross_attention_block = CrossAttentionBlock(probe_dim, embed_dim, num_heads, mlp_ratio, qkv_bias)
-        self.blocks = nn.ModuleList([Block(probe_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias)
-                                     for _ in range(depth - 1)])
+        width = probe_dim if blocks_on == 'queries' else embed_dim     # V-JEPA: on the queries; V-JEPA 2: on the frozen tokens
+        if width % num_heads: raise ValueError(f"self-attention blocks of width {width} need num_heads dividing it, got {num_heads}")
+        self.blocks = nn.ModuleList([Block(width, num_heads, mlp_ratio, qkv_bias=qkv_bias) for _ in range(depth - 1)])
         trunc_normal_(self.query_tokens, std=init_std)
         self.apply(self._init_weights)
 
@@ -96,9 +118,12 @@ class AttentiveProbe(nn.Module):
         if x.ndim != 3 or x.shape[-1] != self.embed_dim:
             hint = ": raw video needs the frozen `encoder`" if x.ndim == 5 else ""
             raise ValueError(f"expected tokens (B, N, {self.embed_dim}), got {tuple(x.shape)}{hint}")
+        if self.blocks_on == 'tokens':
+            for blk in self.blocks: x = blk(x)
         q = (self.query_tokens + self.pos_embed).expand(len(x), -1, -1)
         q = self.cross_attention_block(q, x)
-        for blk in self.blocks: q = blk(q)
+        if self.blocks_on == 'queries':
+            for blk in self.blocks: q = blk(q)
         return q
 
 # %% ../nbs/13_probe.ipynb #00bb6976
@@ -130,10 +155,10 @@ class ConvDecoder(nn.Module):
 class SegmentationHead(nn.Module):
     "AttentiveProbe + ConvDecoder: frozen tokens `(B, N, D)` -> logits `(B, num_classes, T, H, W)`."
     def __init__(self, grid, embed_dim, probe_dim=256, num_heads=8, depth=1, num_classes=4, tubelet=2,
-                 patch=16, hidden_dim=None, mlp_ratio=4.0):
+                 patch=16, hidden_dim=None, mlp_ratio=4.0, blocks_on='queries'):
         super().__init__()
         self.grid, self.num_classes = tuple(grid), num_classes
-        self.probe = AttentiveProbe(grid, embed_dim, probe_dim, num_heads, depth, mlp_ratio)
+        self.probe = AttentiveProbe(grid, embed_dim, probe_dim, num_heads, depth, mlp_ratio, blocks_on=blocks_on)
         self.decoder = ConvDecoder(grid, probe_dim, num_classes, tubelet, patch, hidden_dim)
 
     @classmethod

@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['data_root', 'prepare_data', 'clips', 'check_data', 'check_resume', 'build_models', 'grad_clip_at', 'PretrainingWatch',
-           'pretrain', 'pretrained_encoder', 'load_run', 'build_segmenter', 'train_segmenter', 'evaluate_split']
+           'pretrain', 'pretrained_encoder', 'probe_encoder', 'load_run', 'build_segmenter', 'train_segmenter',
+           'evaluate_split']
 
 # %% ../nbs/17_stages.ipynb #807464bd
 import copy, json, math, time, warnings
@@ -26,10 +27,10 @@ from .vjepa import VJEPA, pretrain_step, schedule_at, param_groups, STEP_STATS
 from .localization import LocalizationLoss
 from .videomae import build_videomae, load_videomae, save_videomae, videomae_step, videomae_param_groups, VIDEOMAE_STATS
 from .scores import SegMetrics
-from .probe import SegmentationHead, freeze_encoder
+from .probe import SegmentationHead, LayerFeatures, freeze_encoder
 from .training import FeatureCache, train_probe, evaluate
 from .baselines import ClipUNet, EndToEnd
-from .config import RunConfig, load_config, END_TO_END
+from .config import RunConfig, load_config, END_TO_END, encoder_kwargs, predictor_kwargs, parse_layers
 from .diagnostics import Diagnostics, collapse_warning
 
 # %% ../nbs/17_stages.ipynb #470236e6
@@ -87,8 +88,8 @@ def build_models(c: RunConfig):
         report = load_videomae(c.init_checkpoint, model, partial=c.init_partial) if c.init_checkpoint else None
         model.set_grad_checkpointing(c.activation_checkpointing)
     else:
-        enc = build_encoder(c.model, **geometry)
-        pred = build_predictor(enc, predictor_embed_dim=c.predictor_dim, depth=c.predictor_depth)
+        enc = build_encoder(c.model, **encoder_kwargs(c))           # sin-cos or RoPE (pos_embed)
+        pred = build_predictor(enc, **predictor_kwargs(c))
         report = load_checkpoint(c.init_checkpoint, enc, pred, partial=c.init_partial) if c.init_checkpoint else None
         for m in (enc, pred): m.set_grad_checkpointing(c.activation_checkpointing)
         model = VJEPA(enc, pred)                                  # the EMA target is a copy of the encoder
@@ -239,11 +240,16 @@ def pretrained_encoder(c: RunConfig, run_dir):
     load_checkpoint(path, model.target_encoder, which='target_encoder', strict=True)
     return model.target_encoder
 
+def probe_encoder(c: RunConfig, encoder):
+    "The frozen encoder as the probe reads it: with `out_layers`, the features of those blocks (`LayerFeatures`)."
+    layers = parse_layers(c.out_layers)
+    return LayerFeatures(encoder, layers) if layers and encoder is not None else encoder
+
 def load_run(out_dir, device='cpu'):
     "A finished run folder's `(config, frozen encoder or None, trained segmenter)`, e.g. to predict with it."
     c = load_config(Path(out_dir) / 'config.json')
     src = c.pretrained_run or (out_dir if c.method not in END_TO_END else None)
-    encoder = None if src is None else freeze_encoder(pretrained_encoder(c, src)).to(device)
+    encoder = None if src is None else probe_encoder(c, freeze_encoder(pretrained_encoder(c, src)).to(device))
     head, _ = build_segmenter(replace(c, init_checkpoint=''), encoder)
     head.load_state_dict(open_checkpoint(Path(out_dir) / 'probe.pt')['head'])
     return c, encoder, head.to(device).eval()
@@ -255,15 +261,17 @@ def _shard(n, d: Dist):
     if per == 0: raise ValueError(f"{n} clips cannot be shared by {d.world} processes")
     return list(range(d.rank * per, (d.rank + 1) * per))
 
+def _head_kwargs(c: RunConfig): return dict(probe_dim=c.probe_dim, depth=c.probe_depth, blocks_on=c.probe_blocks_on)
+
 def build_segmenter(c: RunConfig, encoder=None):
     "What the stage trains: a head on the frozen `encoder`, or (end-to-end methods) the whole segmenter; + load report."
     if c.method == 'unet': return ClipUNet(k=c.unet_frames // 2, base=c.unet_base), None
-    if c.method != 'supervised': return SegmentationHead.from_encoder(encoder, probe_dim=c.probe_dim), None
-    enc = build_encoder(c.model, img_size=c.img_size, num_frames=c.num_frames, patch_size=c.patch_size)
+    if c.method != 'supervised': return SegmentationHead.from_encoder(encoder, **_head_kwargs(c)), None
+    enc = build_encoder(c.model, **encoder_kwargs(c))
     report = load_checkpoint(c.init_checkpoint, enc, partial=c.init_partial) if c.init_checkpoint else None
     enc.set_grad_checkpointing(c.activation_checkpointing)
     if c.frozen_blocks: enc.freeze_blocks(c.frozen_blocks)
-    return EndToEnd(enc, SegmentationHead.from_encoder(enc, probe_dim=c.probe_dim)), report
+    return EndToEnd(enc, SegmentationHead.from_encoder(enc, **_head_kwargs(c))), report
 
 def train_segmenter(c: RunConfig, root, encoder, d: Dist = Dist(), on_epoch_end=None):
     """Train probe + decoder on frozen features of the labelled training clips (or, with `encoder=None`, the whole
