@@ -112,8 +112,8 @@ def _attention_probs(blk, x):
     return (q @ k.transpose(-2, -1) * a.scale).softmax(-1)
 
 def has_timm_attention(encoder) -> bool:
-    "Whether every block of `encoder` attends with timm's `Attention` (whose matrix `attention_maps` can recompute)."
-    return all(isinstance(getattr(b, 'attn', None), Attention) for b in getattr(encoder, 'blocks', [None]))
+    "Whether every block of `encoder` attends with timm's plain `Attention` (whose matrix `attention_maps` can recompute; not RoPE)."
+    return all(type(getattr(b, 'attn', None)) is Attention for b in getattr(encoder, 'blocks', [None]))
 
 @torch.no_grad()
 def attention_maps(encoder, video: torch.Tensor) -> list:

@@ -153,7 +153,7 @@ def _mean(xs):
 def _resume_pretraining(c: RunConfig, model, opt, aux, ckpt_path) -> int:
     "Load the run's `pretrain.pt` (model, optimiser, localization head) when resuming; returns the first epoch to run."
     if not (ckpt_path.exists() and c.resume): return 0
-    ck = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+    ck = open_run_checkpoint(ckpt_path, 'pretraining')
     if c.method == 'videomae': load_videomae(ckpt_path, model, strict=True)
     else:
         load_checkpoint(ckpt_path, model.encoder, model.predictor, which='encoder', strict=True)
