@@ -56,11 +56,12 @@ def run_ablation(levers, seeds, out_root, data_dir, lever_table=None, **base) ->
 ABLATION_KEYS = DIAGNOSTIC_KEYS + ('loss_jepa', 'loss_aux')
 
 def ablation_rows(run_dirs) -> list:
-    "The final diagnostics of each run folder, and a `random` row per seed from the initial measures."
+    "The final diagnostics of each finished run folder, and a `random` row per seed from the initial measures."
     rows, randoms = [], {}
     for p in map(Path, run_dirs):
         log = read_jsonl(p / 'pretrain_log.jsonl')
-        if not log or 'rankme_target' not in log[-1]: continue
+        epochs = json.loads((p / 'config.json').read_text())['pretrain_epochs'] if (p / 'config.json').exists() else -1
+        if len(log) < epochs or not log or 'rankme_target' not in log[-1]: continue     # unfinished, or no diagnostics
         lever, seed = p.name.rsplit('-seed', 1)
         wall = p / 'wall_s.txt'
         rows.append(dict(lever=lever, seed=int(seed), steps=log[-1]['step'], wall_s=float(wall.read_text()) if wall.exists() else math.nan,
