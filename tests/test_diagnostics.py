@@ -32,7 +32,7 @@ def test_collapse_is_reported_loudly(tmp_path, capsys):
     assert 'COLLAPSE' in capsys.readouterr().out
 
 def test_diagnostics_can_be_turned_off(tmp_path):
-    c = validate(RunConfig(**TINY, diagnostics=False, pretrain_epochs=1, warmup_epochs=0, out_dir=str(tmp_path / 'run')))
+    c = validate(RunConfig(**{**TINY, 'pretrain_epochs': 1, 'warmup_epochs': 0}, diagnostics=False, out_dir=str(tmp_path / 'run')))
     prepare_run_dir(c)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
