@@ -6,7 +6,7 @@
 __all__ = ['LEVERS', 'ABLATION_KEYS', 'lever_config', 'run_ablation', 'ablation_rows', 'ablation_table']
 
 # %% ../nbs/22_ablation.ipynb #cf9ea430
-import json, math, time
+import json, math, statistics, time
 from dataclasses import replace
 from pathlib import Path
 
@@ -72,10 +72,9 @@ def ablation_rows(run_dirs) -> list:
     return list(randoms.values()) + rows
 
 def _mean_sd(xs):
+    "Mean and sample sd of the finite values (NaN where there are too few)."
     xs = [x for x in xs if not math.isnan(x)]
-    if not xs: return math.nan, math.nan
-    m = sum(xs) / len(xs)
-    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else math.nan)
+    return (statistics.fmean(xs) if xs else math.nan), (statistics.stdev(xs) if len(xs) > 1 else math.nan)
 
 def ablation_table(rows, keys=('probe_dsc', 'rankme_target', 'rankme_online', 'spread_target', 'spread_online',
                                 'drift_target', 'pos_r2', 'attn_dist', 'loss_aux', 'wall_s')) -> str:
