@@ -41,6 +41,7 @@ def _finished(c: RunConfig) -> bool:
     rows = read_jsonl(Path(c.out_dir) / 'pretrain_log.jsonl')
     return (Path(c.out_dir) / 'pretrain.pt').exists() and len(rows) >= c.pretrain_epochs
 
+# %% ../nbs/22_ablation.ipynb #3c778e7b
 def run_ablation(levers, seeds, out_root, data_dir, lever_table=None, **base) -> list:
     "Pretrain each lever with each seed (skipping finished runs) on the data set `data_dir`; returns the run folders."
     configs = [lever_config(l, s, out_root, data_dir, lever_table, **base) for s in seeds for l in levers]   # all checked first
@@ -71,11 +72,13 @@ def ablation_rows(run_dirs) -> list:
                                            **{k: init.get(k, math.nan) for k in ABLATION_KEYS}))
     return list(randoms.values()) + rows
 
+# %% ../nbs/22_ablation.ipynb #f6f4b846
 def _mean_sd(xs):
     "Mean and sample sd of the finite values (NaN where there are too few)."
     xs = [x for x in xs if not math.isnan(x)]
     return (statistics.fmean(xs) if xs else math.nan), (statistics.stdev(xs) if len(xs) > 1 else math.nan)
 
+# %% ../nbs/22_ablation.ipynb #cad9c8ae
 def ablation_table(rows, keys=('probe_dsc', 'rankme_target', 'rankme_online', 'spread_target', 'spread_online',
                                 'drift_target', 'pos_r2', 'attn_dist', 'loss_aux', 'wall_s')) -> str:
     "Markdown table: per lever, the number of seeds and mean ± sd of each of `keys`, best validation token-probe DSC first."

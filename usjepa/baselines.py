@@ -45,6 +45,7 @@ class UNet(nn.Module):
         for up, dec in zip(self.up, self.dec): x = dec(torch.cat([up(x), skips.pop()], 1))
         return self.head(x)
 
+# %% ../nbs/15_baselines.ipynb #d7256aeb
 class ClipUNet(nn.Module):
     "`UNet` on every distinct frame of a clip `(B, C, T, H, W)` -> logits `(B, n_classes, T, H, W)`, seeing frames t-k..t+k."
     def __init__(self, k=0, n_classes=4, base=16, depth=3):
@@ -83,6 +84,7 @@ def phantom_frames(ds: CamusClips, k=0):
         xs.append(v[idx]); ys.append(l); ts.append(np.arange(n) / max(n - 1, 1)); ss.append(np.full(n, s))
     return np.concatenate(xs), np.concatenate(ys), np.concatenate(ts).astype(np.float32), np.concatenate(ss)
 
+# %% ../nbs/15_baselines.ipynb #7023a7ef
 def score_frames(ds: CamusClips, pred_seq) -> SegMetrics:
     "Score per-sequence predictions `pred_seq[s]` (F, S, S) on the evaluation clips' valid frames, as the pipeline does."
     m = SegMetrics()
@@ -93,6 +95,7 @@ def score_frames(ds: CamusClips, pred_seq) -> SegMetrics:
         m.update(pred_seq[s][idx][None], lab[idx][None], np.asarray(valid)[None], ids=ids)
     return m
 
+# %% ../nbs/15_baselines.ipynb #28798d70
 def hand_features(x, t):
     "Per-pixel features of frames x (N, S, S) uint8: intensity raw and blurred at 3 scales, x, y, time -> (N, S, S, 7)."
     from scipy import ndimage
@@ -145,6 +148,7 @@ def fit_frames(model, X, Y, epochs, batch, lr, seed, desc, progress, prep=lambda
                 bar.set_postfix(loss=f"{loss.item():.3f}")
     return model.eval()
 
+# %% ../nbs/15_baselines.ipynb #89fd240f
 @torch.no_grad()
 def predict_frames(model, X, batch=64, prep=lambda x: x):
     "Argmax labels of `model` on numpy inputs, in batches."
@@ -159,6 +163,7 @@ def _by_quality(m: SegMetrics, ds: CamusClips):
     seq = [quality[i[:2]] for i in m.ids]
     return {g: float(np.mean([d for d, s in zip(dsc, seq) if s == g])) if g in seq else float('nan') for g in ('Good', 'Medium', 'Poor')}
 
+# %% ../nbs/15_baselines.ipynb #5c9d1e5d
 def bench_phantom(root=None, n_patients=80, size=128, img_size=64, seed=0, views=('2CH', '4CH'), num_frames=16,
                   frame_step=4, epochs=8, mlp_epochs=4, k=2, base=16, batch=32, lr=3e-3, threads=1,
                   progress=True) -> dict:
@@ -213,6 +218,7 @@ def bench_phantom(root=None, n_patients=80, size=128, img_size=64, seed=0, views
     finally:
         if tmp is not None: tmp.cleanup()
 
+# %% ../nbs/15_baselines.ipynb #9bc6e22e
 def phantom_table(res) -> str:
     "The DSC table of `bench_phantom`'s result, as text."
     cls, qs = PHANTOM_CLASSES, ('Good', 'Medium', 'Poor')

@@ -28,6 +28,7 @@ def _block_flops(n, d, depth, mlp_ratio=4.):
     "Forward FLOPs of `depth` transformer blocks on n tokens of width d (linear layers + attention)."
     return depth * (2 * n * d * d * (4 + 2 * mlp_ratio) + 4 * n * n * d)
 
+# %% ../nbs/20_bench.ipynb #4a8627b4
 def analytic_step_flops(encoder, predictor, batch, n_ctx, n_tgt):
     "FLOPs of one V-JEPA step (fwd+bwd) by hand; `n_ctx`, `n_tgt`: tokens per sample for each mask generator."
     D, Dp, N = encoder.embed_dim, predictor.predictor_embed_dim, encoder.num_patches
@@ -41,6 +42,7 @@ def analytic_step_flops(encoder, predictor, batch, n_ctx, n_tgt):
         total += 3 * fwd                                                    # forward + backward (2x)
     return batch * total
 
+# %% ../nbs/20_bench.ipynb #ec94059b
 def counted_step_flops(step):
     "FLOPs that `FlopCounterMode` sees while `step()` runs (attention through the math kernel, whose matmuls it counts)."
     from torch.utils.flop_counter import FlopCounterMode
@@ -53,9 +55,11 @@ def _peak_memory_mb(device):
     if device.type == 'cuda': return torch.cuda.max_memory_allocated(device) / 2 ** 20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024          # Linux: kB -> MB (process peak RSS)
 
+# %% ../nbs/20_bench.ipynb #0fc09f1e
 def _sync(device):
     if device.type == 'cuda': torch.cuda.synchronize(device)
 
+# %% ../nbs/20_bench.ipynb #0f0ca018
 def _timed(step, steps, warmup, dev):
     "Seconds per call of `step` after `warmup` calls, the peak memory (MB) and the last call's result."
     for _ in range(warmup): step()
@@ -66,6 +70,7 @@ def _timed(step, steps, warmup, dev):
     _sync(dev)
     return (time.perf_counter() - t0) / steps, _peak_memory_mb(dev), out
 
+# %% ../nbs/20_bench.ipynb #f5351f44
 def _setup(model, steps, batch, device, amp, seed):
     "Check a step benchmark's arguments, seed, and pick the device and autocast dtype (bf16 on CUDA unless amp='none')."
     if model not in MODEL_SIZES: raise ValueError(f"unknown model {model!r}; choose one of {list(MODEL_SIZES)}")
@@ -74,6 +79,7 @@ def _setup(model, steps, batch, device, amp, seed):
     torch.manual_seed(seed)
     return dev, {None: torch.bfloat16 if dev.type == 'cuda' else None, 'bf16': torch.bfloat16, 'none': None}[amp]
 
+# %% ../nbs/20_bench.ipynb #b34aca34
 def bench_step(model='vit_tiny', img_size=112, frames=16, batch=4, lam=1.0, steps=10, warmup=3, device='auto',
                amp=None, peak_tflops=989., pred_depth=12, pred_dim=384, freeze=0, n_pairs=100, seed=0, checkpointing=False,
                pos_embed='sincos'):
@@ -240,6 +246,7 @@ def _fmt(res):
         else: parts.append(f"{k}={v}")
     return '  '.join(parts)
 
+# %% ../nbs/20_bench.ipynb #6f75f194
 def _parser():
     p = argparse.ArgumentParser(prog='python -m usjepa.bench', description=__doc__ or 'usjepa benchmarks')
     sub = p.add_subparsers(dest='cmd', required=True)
@@ -282,6 +289,7 @@ def _parser():
                    help='a RunConfig parameter, as papermill takes it (repeatable); default: the CPU default job')
     return p
 
+# %% ../nbs/20_bench.ipynb #5a7fefee
 def _loader(a):
     if a.root is not None: return benchmark_loader(a.root, batch_size=a.batch, num_workers=a.workers, n_clips=a.n_clips,
                                                    img_size=a.img_size, num_frames=a.frames)
@@ -291,6 +299,7 @@ def _loader(a):
         return benchmark_loader(root, batch_size=a.batch, num_workers=a.workers, n_clips=a.n_clips,
                                 img_size=a.img_size, num_frames=a.frames)
 
+# %% ../nbs/20_bench.ipynb #ca4945b7
 def _value(v: str):
     "A command-line value as papermill's `-p` reads it: int, float, True/False, else the string."
     for cast in (int, float):
@@ -298,6 +307,7 @@ def _value(v: str):
         except ValueError: pass
     return {'True': True, 'False': False}.get(v, v)
 
+# %% ../nbs/20_bench.ipynb #842d08b8
 def _diagnostics(a):
     params = {k: _value(v) for k, v in a.param}
     if a.root is not None: return bench_diagnostics(a.root, a.steps, **params)
@@ -308,6 +318,7 @@ def _diagnostics(a):
         root = write_camus_phantom(d, n_patients=c.synthetic_patients, size=(c.synthetic_size,) * 2, progress=False)
         return bench_diagnostics(root, a.steps, **params)
 
+# %% ../nbs/20_bench.ipynb #7919492a
 def main(argv=None):
     "Entry point of `python -m usjepa.bench`."
     a = _parser().parse_args(argv)

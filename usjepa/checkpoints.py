@@ -27,6 +27,7 @@ def strip_prefixes(state):
         out[k] = v
     return out
 
+# %% ../nbs/06_checkpoints.ipynb #0e431f5b
 def _reason(e) -> str:
     "torch's error in one line, without its advice to retry with `weights_only=False` (that would run the file's code)."
     msg = str(e).strip().splitlines()[0] if str(e).strip() else ''
@@ -34,6 +35,7 @@ def _reason(e) -> str:
         msg = 'it holds objects other than tensors and plain values, which are never unpickled here'
     return f"{type(e).__name__}: {msg[:200]}"
 
+# %% ../nbs/06_checkpoints.ipynb #ed32f5d5
 def open_checkpoint(path) -> dict:
     "The dict in checkpoint file `path`, read with `weights_only=True` (memory-mapped when the file is zip-format); errors name the file."
     path = Path(path)
@@ -53,14 +55,17 @@ def open_checkpoint(path) -> dict:
         raise ValueError(f"{path} holds an empty dict")
     return ckpt
 
+# %% ../nbs/06_checkpoints.ipynb #49b008d2
 def state_shapes(target):
     "Name -> shape of a module's state dict, or of a given {name: tensor or shape} mapping."
     state = target.state_dict() if isinstance(target, nn.Module) else target
     return {k: tuple(v.shape) if hasattr(v, 'shape') else tuple(v) for k, v in state.items()}
 
+# %% ../nbs/06_checkpoints.ipynb #a5f6cbde
 def _first(items, n=3):
     return ', '.join(str(i) for i in items[:n]) + (', ...' if len(items) > n else '')
 
+# %% ../nbs/06_checkpoints.ipynb #3b1087a6
 def _positions_problem(own, state, what):
     "A message when the file and the model encode positions differently (a sin-cos table in one, RoPE in the other), else None."
     kind = lambda keys: 'a sin-cos table' if any(k in _FIXED for k in keys) else 'RoPE (no table)'
@@ -68,6 +73,7 @@ def _positions_problem(own, state, what):
     if kind(own) != kind(state):
         return f"positions differ: the file's {what} uses {kind(state)}, this {what} {kind(own)} (pos_embed='sincos'/'rope')"
 
+# %% ../nbs/06_checkpoints.ipynb #8ffbf42d
 def fit_state(own, state, what, source, path, partial, strict):
     "Compare `state` with the shapes `own`; refuse what does not fit unless `partial`; the report and the fitting keys."
     fitting, mismatched, recomputed = [], [], []
@@ -97,6 +103,7 @@ def fit_state(own, state, what, source, path, partial, strict):
             + ("" if partial or not fitting else "; pass partial=True to load only what fits"))
     return report, fitting
 
+# %% ../nbs/06_checkpoints.ipynb #ca897665
 def _encoder_entry(ckpt, which, path):
     "The key of the encoder state dict to use (None: the file is a bare state dict)."
     if which not in ('target_encoder', 'encoder'):
@@ -109,6 +116,7 @@ def _encoder_entry(ckpt, which, path):
         return None
     raise ValueError(f"{path} has no 'encoder' or 'target_encoder' entry (keys: {sorted(ckpt)[:10]})")
 
+# %% ../nbs/06_checkpoints.ipynb #1722e47e
 def _plan(ckpt, path, encoder, predictor, which, partial, strict):
     "Per part: (module or shapes, stripped state, report, fitting keys); raises when a part does not fit."
     if partial and strict:
@@ -127,12 +135,14 @@ def _plan(ckpt, path, encoder, predictor, which, partial, strict):
         parts['predictor'] = (predictor, state, dict(source='predictor', **report), fitting)
     return parts
 
+# %% ../nbs/06_checkpoints.ipynb #fb84eb3d
 def check_checkpoint(path, encoder=None, predictor=None, which='target_encoder', partial=False, strict=False) -> dict:
     "Everything `load_checkpoint` checks, without loading: `encoder`/`predictor` may be modules (also on the meta device) or {name: shape}."
     ckpt = open_checkpoint(path)
     parts = _plan(ckpt, path, encoder, predictor, which, partial, strict)
     return dict(path=str(path), epoch=ckpt.get('epoch'), **{k: v[2] for k, v in parts.items()})
 
+# %% ../nbs/06_checkpoints.ipynb #e2155a5f
 def load_checkpoint(path, encoder=None, predictor=None, which='target_encoder', strict=False, partial=False) -> dict:
     "Load a V-JEPA checkpoint file into `encoder` / `predictor`; refuses one that does not fit (unless `partial`); returns the report."
     ckpt = open_checkpoint(path)
@@ -141,6 +151,7 @@ def load_checkpoint(path, encoder=None, predictor=None, which='target_encoder', 
         module.load_state_dict({k: state[k] for k in fitting}, strict=False)
     return dict(path=str(path), epoch=ckpt.get('epoch'), **{k: v[2] for k, v in parts.items()})
 
+# %% ../nbs/06_checkpoints.ipynb #29a210fc
 def open_run_checkpoint(path, stage) -> dict:
     "A run's own checkpoint to resume `stage` from; a damaged file is named with what to do about it."
     try: return open_checkpoint(path)
@@ -153,10 +164,12 @@ def _to_state(obj):
     "A module/optimizer/scaler becomes its state dict; plain values stay."
     return obj.state_dict() if hasattr(obj, 'state_dict') else obj
 
+# %% ../nbs/06_checkpoints.ipynb #0891f116
 def _wrap(module):
     "State dict with V-JEPA's `module.backbone.` prefix."
     return {f'module.backbone.{k}': v for k, v in module.state_dict().items()}
 
+# %% ../nbs/06_checkpoints.ipynb #238bfedf
 def save_checkpoint(path, encoder, target_encoder=None, predictor=None, overwrite=True, **extra):
     "Save models (and `extra`: opt, scaler, epoch, loss, lr, ...) in V-JEPA's checkpoint layout, atomically."
     path = Path(path)

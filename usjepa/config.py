@@ -141,19 +141,23 @@ def _views(views) -> tuple:
     vs = tuple(v.strip() for v in views.split(',')) if isinstance(views, str) else tuple(views)
     return tuple(v for v in vs if v)
 
+# %% ../nbs/16_config.ipynb #4e6db988
 def parse_layers(out_layers) -> tuple:
     "'24,29' or a list -> (24, 29); '' -> () (the encoder's last block)."
     if isinstance(out_layers, str): return tuple(int(v) for v in out_layers.split(',') if v.strip())
     return tuple(int(v) for v in out_layers)
 
+# %% ../nbs/16_config.ipynb #f214a9e1
 def encoder_kwargs(c: RunConfig) -> dict:
     "What `build_encoder(c.model, ...)` needs besides the size, for every stage alike."
     return dict(img_size=c.img_size, num_frames=c.num_frames, patch_size=c.patch_size, pos_embed=c.pos_embed)
 
+# %% ../nbs/16_config.ipynb #edfe6f99
 def predictor_kwargs(c: RunConfig) -> dict:
     "What `build_predictor(encoder, ...)` needs."
     return dict(predictor_embed_dim=c.predictor_dim, depth=c.predictor_depth, num_heads=c.predictor_heads or None)
 
+# %% ../nbs/16_config.ipynb #f964a596
 def _value_problems(c: RunConfig) -> list:
     p = []
     def need(ok, msg):
@@ -250,6 +254,7 @@ def _input_problems(c: RunConfig) -> list:
     if c.pretrained_run: p += _pretrained_run_problems(c)
     return p
 
+# %% ../nbs/16_config.ipynb #71c804ef
 def _pretrained_run_problems(c: RunConfig) -> list:
     "A `pretrained_run` must hold a finished pretraining whose parameters are this run's (all but `PROBE_ONLY`)."
     run, name = Path(c.pretrained_run), f"pretrained_run={c.pretrained_run!r}"
@@ -269,6 +274,7 @@ PATHS = ('data_dir', 'init_checkpoint', 'pretrained_run', 'out_dir')   # `~` mea
 def _expand(c: RunConfig) -> RunConfig:
     return replace(c, **{k: os.path.expanduser(v) for k in PATHS if isinstance(v := getattr(c, k), str)})
 
+# %% ../nbs/16_config.ipynb #735a149b
 def normal_form(c: RunConfig) -> RunConfig:
     "The one way of writing `c` (paths expanded, λ = 1 unless vjepa_ll, the default out_dir, ...), without checking it."
     c = _expand(c)
@@ -278,6 +284,7 @@ def normal_form(c: RunConfig) -> RunConfig:
     return replace(c, out_dir=str(out), views=','.join(_views(c.views)), lam=lam, out_layers=','.join(map(str, sorted(parse_layers(c.out_layers)))),
                    label_fraction=float(c.label_fraction), **stages)
 
+# %% ../nbs/16_config.ipynb #b6aa54a1
 def validate(c: RunConfig) -> RunConfig:
     "Check every field (raising one ValueError that lists all problems) and return the normal form of `c`."
     c = _expand(c)
@@ -296,6 +303,7 @@ def _bound_names(source) -> list:
         out += [t.id for t in targets if isinstance(t, ast.Name)]
     return out
 
+# %% ../nbs/16_config.ipynb #f9022d56
 def check_injected_parameters(history, allowed=None) -> list:
     """Refuse any name that papermill injected (its cell, which starts '# Parameters', in the kernel's input history `In`)
     but that is not a parameter; `allowed` defaults to the names of the cell run just before it (the `parameters` cell)."""
@@ -326,11 +334,13 @@ def check_run_folder(out_dir) -> Path:
                          f"{', ...' if len(foreign) > 5 else ''}) and no config.json: choose an empty or new folder")
     return out
 
+# %% ../nbs/16_config.ipynb #7b6ecf8f
 def _holder(out) -> str:
     try: h = json.loads((out / '.lock.holder').read_text())
     except (OSError, ValueError): return 'holder unknown'
     return f"held by process {h.get('pid')} on {h.get('host')} since {h.get('since')}"
 
+# %% ../nbs/16_config.ipynb #51cf3712
 @contextmanager
 def run_lock(out_dir):
     "Hold the run folder's lock (`filelock`) for the body: a second run of the same folder fails at once, naming the holder."
@@ -364,6 +374,7 @@ def load_config(path) -> RunConfig:
     if unknown: raise ValueError(f"{path}: unknown parameters {unknown}")
     return RunConfig(**d)
 
+# %% ../nbs/16_config.ipynb #5ac4514d
 def prepare_run_dir(c: RunConfig) -> Path:
     "Create (or check and reuse) the run folder and write `config.json`; never silently mixes two runs."
     out = check_run_folder(c.out_dir)                  # never writes into a folder of someone else's files

@@ -31,6 +31,7 @@ def atomic_write(path):
     finally:
         if tmp.exists(): tmp.unlink()
 
+# %% ../nbs/00_core.ipynb #34dc8bde
 def write_text_atomic(path, text: str) -> Path:
     "Write `text` to `path` through `atomic_write`."
     with atomic_write(path) as tmp: tmp.write_text(text)
@@ -45,6 +46,7 @@ def _alive(pid: int) -> bool:
     except PermissionError: return True
     return True
 
+# %% ../nbs/00_core.ipynb #cf63c91d
 def remove_stale_temporaries(folder) -> list:
     "Delete `atomic_write` temporaries in `folder` left by writers that are no longer running; returns their names."
     removed = []
@@ -70,6 +72,7 @@ def resolve_device(device='auto') -> torch.device:
     if dev.type == 'cuda' and not torch.cuda.is_available(): raise ValueError(f"device {device!r} asked for but CUDA is not available")
     return dev
 
+# %% ../nbs/00_core.ipynb #bc284881
 def amp_dtype(precision: str, device) -> torch.dtype | None:
     "Autocast dtype for `precision` ('auto' | 'fp32' | 'bf16') on `device`: bf16 on CUDA for 'auto', None = full precision."
     if precision not in ('auto', 'fp32', 'bf16'): raise ValueError(f"precision={precision!r}: choose 'auto', 'fp32' or 'bf16'")
@@ -90,6 +93,7 @@ def append_jsonl(path, row: dict):
     with open(path, 'a') as f:
         f.write(json.dumps(row) + '\n')
 
+# %% ../nbs/00_core.ipynb #dcc364d6
 def read_jsonl(path) -> list:
     "Rows of a JSON-lines log (missing file: no rows); a torn last line is skipped with a warning."
     path = Path(path)
@@ -105,6 +109,7 @@ def read_jsonl(path) -> list:
             else: raise ValueError(f"{path}, line {k + 1}: not JSON ({e})") from None
     return rows
 
+# %% ../nbs/00_core.ipynb #0a659033
 def truncate_jsonl(path, key: str, upto):
     "Keep only rows with `row[key] < upto` (a resumed run rewrites the epochs after its checkpoint)."
     if not Path(path).exists(): return
@@ -124,6 +129,7 @@ class Dist:
     def barrier(self):
         if self.world > 1: dist.barrier()
 
+# %% ../nbs/00_core.ipynb #5c03b406
 def init_distributed(device='auto') -> Dist:
     "Join the torchrun process group when there is one; choose this process's device."
     world = int(os.environ.get('WORLD_SIZE', 1))
@@ -143,11 +149,13 @@ class _DDP(DistributedDataParallel):
         try: return super().__getattr__(name)
         except AttributeError: return getattr(self.module, name)
 
+# %% ../nbs/00_core.ipynb #6df07cd9
 def ddp(module, d: Dist):
     "`module` wrapped for DDP when there are several processes, else `module` itself."
     if d.world == 1: return module
     return _DDP(module, device_ids=[d.local_rank] if d.device.startswith('cuda') else None)
 
+# %% ../nbs/00_core.ipynb #ead239fb
 def fingerprint(*modules) -> str:
     "SHA-256 of every parameter and buffer of `modules`: equal strings mean bit-identical weights."
     h = hashlib.sha256()
@@ -157,6 +165,7 @@ def fingerprint(*modules) -> str:
             h.update(v.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
+# %% ../nbs/00_core.ipynb #db678365
 def gather_fingerprints(d: Dist, *modules) -> list:
     "Every rank's `fingerprint` (a check that DDP kept the ranks in step)."
     fp = fingerprint(*modules)
@@ -178,6 +187,7 @@ def widgets_live() -> bool:
     except Exception:
         return False
 
+# %% ../nbs/00_core.ipynb #4ba66518
 def progress_bar(iterable=None, **kw):
     "A tqdm bar: a widget where a front end draws it (`widgets_live`), else text, refreshed at most every 2 s."
     if widgets_live():

@@ -29,6 +29,7 @@ SPLIT_FILES = {'train': 'subgroup_training.txt', 'val': 'subgroup_validation.txt
 def _patient_dirs(db):
     return sorted(d for d in Path(db).iterdir() if d.is_dir() and d.name.startswith('patient') and '.' not in d.name)
 
+# %% ../nbs/03_data.ipynb #0d9c6677
 def find_camus_root(path) -> Path:
     "The folder that contains `database_nifti/` (accepts its parent, itself, or `database_nifti/`)."
     p = Path(path).expanduser()
@@ -62,6 +63,7 @@ def parse_cfg(path) -> dict:
         out[k] = v
     return out
 
+# %% ../nbs/03_data.ipynb #f83b8b5c
 MAX_FIELD_MM = 500.   # spacing x pixels: an echo image never spans more than half a metre (its depth is at most ~30 cm)
 
 def _nifti_bytes(path) -> bytes:
@@ -72,6 +74,7 @@ def _nifti_bytes(path) -> bytes:
     except (OSError, EOFError, zlib.error) as e:
         raise ValueError(f"{path}: damaged gzip data ({e}); the file is corrupt or truncated -- download it again") from None
 
+# %% ../nbs/03_data.ipynb #6673b14e
 def _pixel_spacing(zooms, shape, path):
     "`(sy, sx)` from the header's raw pixdim: NaN, 0 and negative values are refused, not repaired as nibabel does."
     sx, sy = (float(z) for z in zooms[:2])
@@ -83,6 +86,7 @@ def _pixel_spacing(zooms, shape, path):
                          f"{MAX_FIELD_MM:g} mm: the spacing in pixdim is wrong")
     return sy, sx
 
+# %% ../nbs/03_data.ipynb #4288b528
 def _load_nifti(path):
     "Array in (frames, height, width) or (height, width) order, and the (sy, sx) spacing; the whole file is verified."
     import nibabel as nib
@@ -101,6 +105,7 @@ def _load_nifti(path):
     else: raise ValueError(f"{path}: expected a 2D image or a (width, height, frames) sequence, got shape {arr.shape}")
     return np.ascontiguousarray(arr), _pixel_spacing(pixdim[1:3], arr.shape[-2:], path)
 
+# %% ../nbs/03_data.ipynb #29c99f65
 def _as_uint8(arr, path, what):
     "`arr` as uint8, refusing (naming `path`) anything but integer values in 0..255: NaN, infinities, fractions, out of range."
     if arr.dtype == np.uint8:
@@ -121,6 +126,7 @@ def _as_uint8(arr, path, what):
                          f"intensities 0..255 (an image scaled to [0, 1] must be multiplied by 255 and saved as uint8)")
     return arr.astype(np.uint8)
 
+# %% ../nbs/03_data.ipynb #3d7d54bb
 def check_labels(labels, path):
     "Raise if `labels` holds values other than 0..3 (names the file and the bad values)."
     vals = np.unique(labels)
@@ -128,6 +134,7 @@ def check_labels(labels, path):
     if len(bad): raise ValueError(f"{path}: label values must be in 0..3, found {bad[:10].tolist()}")
     return labels.astype(np.uint8)
 
+# %% ../nbs/03_data.ipynb #33cc7bc6
 def check_info(info, path, n_frames) -> dict:
     "Raise (naming `path`) unless ED and ES are distinct frame numbers 1..`n_frames` (and NbFrame) and EF, if given, a percentage."
     p = []
@@ -155,6 +162,7 @@ def sequence_files(patient_dir, view):
     return dict(cfg=d / f"Info_{view}.cfg", video=d / f"{pid}_{view}_half_sequence.nii.gz",
                 labels=d / f"{pid}_{view}_half_sequence_gt.nii.gz")
 
+# %% ../nbs/03_data.ipynb #9f93669b
 def read_sequence(patient_dir, view) -> dict:
     "One half sequence: dict(video uint8 (F,H,W), labels uint8 (F,H,W), info dict, spacing (sy, sx) mm)."
     files = sequence_files(patient_dir, view)
@@ -185,6 +193,7 @@ def _seeded_split(ids, seed):
     n = len(ids); n_val = max(1, round(0.1 * n)) if n >= 3 else 0
     return dict(test=order[:n_val], val=order[n_val:2 * n_val], train=order[2 * n_val:])
 
+# %% ../nbs/03_data.ipynb #334811c4
 def check_splits(root) -> dict:
     "The official split lists of `root`, checked before any work: no duplicates, disjoint, every name a patient folder ({} if absent)."
     root = find_camus_root(root)
@@ -207,6 +216,7 @@ def check_splits(root) -> dict:
     if p: raise ValueError(f"{sd}: the split lists are unusable:\n  - " + "\n  - ".join(p))
     return {k: sorted(v) for k, v in lists.items()}
 
+# %% ../nbs/03_data.ipynb #b90edb97
 def camus_split(root, split, seed=0) -> list:
     "Patient ids of `split` ('train'|'val'|'test'): the official split files (checked) if present, else a seeded 80/10/10 split."
     if split not in SPLIT_FILES: raise ValueError(f"unknown split {split!r}; expected one of {tuple(SPLIT_FILES)}")
@@ -215,6 +225,7 @@ def camus_split(root, split, seed=0) -> list:
     if lists: return lists[split]
     return sorted(_seeded_split([d.name for d in _patient_dirs(root / 'database_nifti')], seed)[split])
 
+# %% ../nbs/03_data.ipynb #23609eae
 def label_fraction_patients(patients, fraction, seed=0) -> list:
     "Deterministic, nested subset with `ceil(fraction * n)` (at least 1) of `patients`."
     if not 0 < fraction <= 1: raise ValueError(f"label fraction must be in (0, 1], got {fraction}")
@@ -231,10 +242,12 @@ def clip_indices(n_frames, num_frames=16, frame_step=4, start=0) -> np.ndarray:
     if not 0 <= start < n_frames: raise ValueError(f"start={start} outside 0..{n_frames - 1}")
     return np.minimum(start + frame_step * np.arange(num_frames), n_frames - 1).astype(np.int64)
 
+# %% ../nbs/03_data.ipynb #44d743d8
 def max_clip_start(n_frames, num_frames=16, frame_step=4) -> int:
     "Largest random start in training: a full clip when the sequence is long, else any phase of the step."
     return max(n_frames - 1 - (num_frames - 1) * frame_step, min(frame_step, n_frames) - 1)
 
+# %% ../nbs/03_data.ipynb #ef10b850
 def first_occurrence(idx) -> np.ndarray:
     "True where an index is not a repeat of an earlier one."
     idx = np.asarray(idx); seen, out = set(), np.zeros(len(idx), bool)
@@ -242,6 +255,7 @@ def first_occurrence(idx) -> np.ndarray:
         out[k] = i not in seen; seen.add(i)
     return out
 
+# %% ../nbs/03_data.ipynb #3a348476
 def eval_clips(n_frames, num_frames=16, frame_step=4) -> list:
     "Clips `(indices, valid)` covering every frame exactly once (valid) at the training frame step."
     if n_frames < 1: raise ValueError(f"n_frames must be >= 1, got {n_frames}")
@@ -261,6 +275,7 @@ def normalise(frames) -> torch.Tensor:
     mean = torch.tensor(MEAN).view(3, 1, 1, 1); std = torch.tensor(STD).view(3, 1, 1, 1)
     return (x.unsqueeze(0) - mean) / std
 
+# %% ../nbs/03_data.ipynb #03a61f71
 def denormalise(video) -> torch.Tensor:
     "(3,T,H,W) or (B,3,T,H,W) normalised -> grey in [0, 1] (channel mean of the un-normalised video)."
     mean = torch.tensor(MEAN).view(3, 1, 1, 1); std = torch.tensor(STD).view(3, 1, 1, 1)
@@ -296,9 +311,11 @@ def _resize(arr, size, labels=False):
     else: y = F.interpolate(x, size=(size, size), mode='bilinear', antialias=True, align_corners=False)
     return y.squeeze(1).round().clamp(0, 255).to(torch.uint8).numpy()
 
+# %% ../nbs/03_data.ipynb #b4de6f3b
 def _stamp(paths):
     return np.array([v for p in paths for v in (p.stat().st_size, p.stat().st_mtime_ns)], np.int64)
 
+# %% ../nbs/03_data.ipynb #5d0af72e
 class CamusClips(Dataset):
     "CAMUS (or phantom) clips: items dict(video (3,T,S,S) float32, labels (T,S,S) int64, valid, frame_idx, patient, view)."
     def __init__(self, root, split='train', views=VIEWS, img_size=224, num_frames=16, frame_step=4,

@@ -84,6 +84,7 @@ def token_dice(pred: torch.Tensor, true: torch.Tensor, classes=(1, 2, 3)) -> flo
         d.append(1. if s == 0 else 2. * int((p & t).sum()) / s)
     return sum(d) / len(d)
 
+# %% ../nbs/17_diagnostics.ipynb #a40fb4af
 def token_probe_dsc(train_x, train_y, val_x, val_y, n_classes=4, alpha=1.0) -> float:
     "Linear (ridge) classifier of token labels: fit on `train_x` (N, D) / `train_y` (N,), mean Dice on the validation tokens."
     r = Ridge(alpha).fit(train_x, F.one_hot(train_y.long(), n_classes))
@@ -97,6 +98,7 @@ def r2_score(pred: torch.Tensor, true: torch.Tensor) -> float:
     ss_tot = (true - true.mean(0)).square().sum(0).clamp_min(1e-12)
     return float((1. - ss_res / ss_tot).mean())
 
+# %% ../nbs/17_diagnostics.ipynb #d635cf93
 def position_r2(train_x, train_idx, val_x, val_idx, grid, alpha=1.0) -> float:
     "R² of a ridge map from token features (N, D) to their grid cells (t, i, j) (from flat indices (N,)), on the validation tokens."
     r = Ridge(alpha).fit(train_x, token_coords(train_idx, grid).double())
@@ -111,10 +113,12 @@ def _attention_probs(blk, x):
     q, k = a.q_norm(qkv[0]), a.k_norm(qkv[1])
     return (q @ k.transpose(-2, -1) * a.scale).softmax(-1)
 
+# %% ../nbs/17_diagnostics.ipynb #0eb96515
 def has_timm_attention(encoder) -> bool:
     "Whether every block of `encoder` attends with timm's plain `Attention` (whose matrix `attention_maps` can recompute; not RoPE)."
     return all(type(getattr(b, 'attn', None)) is Attention for b in getattr(encoder, 'blocks', [None]))
 
+# %% ../nbs/17_diagnostics.ipynb #6c60ef39
 @torch.no_grad()
 def attention_maps(encoder, video: torch.Tensor) -> list:
     "Attention probabilities (B, heads, N, N) of every block of a `VisionTransformer` on `video`, one per layer."
@@ -141,6 +145,7 @@ def _fixed_clips(ds, n):
     items = [ds[i] for i in idx]
     return torch.stack([it['video'] for it in items]), torch.stack([it['labels'] for it in items])
 
+# %% ../nbs/17_diagnostics.ipynb #f8717133
 class Diagnostics:
     "Fixed training and validation clips, and the measures of a pretraining state on them."
     def __init__(self, train_video, train_labels, val_video, val_labels, batch_size=8, n_classes=4):

@@ -62,10 +62,12 @@ class Job:
     label_fraction: float = 1.0
     seed: int = 0
 
+# %% ../nbs/21_grid.ipynb #13d5e113
 def _name(method, lam, fb, lf, seed):
     parts = [method] + ([f'lam{lam:g}'] if method == 'vjepa_ll' else []) + ([f'fb{fb}'] if method not in END_TO_END else [])
     return '-'.join(parts + [f'lf{lf:g}', f'seed{seed}'])
 
+# %% ../nbs/21_grid.ipynb #0b1d9087
 def plan(preset='cpu', out_root='experiments', inputs=None, seeds=None) -> list:
     "The jobs of a preset (a name of `PRESETS` or a dict like them), pretraining jobs first."
     p = PRESETS[preset] if isinstance(preset, str) else preset
@@ -90,6 +92,7 @@ def plan(preset='cpu', out_root='experiments', inputs=None, seeds=None) -> list:
                         first = first or name
     return sorted(jobs, key=lambda j: j.reuses is not None)     # stable: pretraining jobs first, in plan order
 
+# %% ../nbs/21_grid.ipynb #01d3bbfa
 def check_plan(jobs):
     "Validate every job's configuration before anything runs (a probe job's `pretrained_run` need not exist yet)."
     for j in jobs:
@@ -108,6 +111,7 @@ def config_diff(job: Job, out_root) -> list | None:
     return [f"{k}: {saved.get(k)!r} there, {v!r} planned" for k, v in planned.items()
             if k not in RunConfig.RUN_ONLY and saved.get(k) != v]
 
+# %% ../nbs/21_grid.ipynb #b408aa33
 def status(job: Job, out_root) -> str:
     "'done' (metrics.json and summary.json, from the planned configuration), 'stale' (from another one), 'failed' (error.txt) or 'todo'."
     d = Path(out_root) / job.name
@@ -115,6 +119,7 @@ def status(job: Job, out_root) -> str:
         return 'done' if config_diff(job, out_root) == [] else 'stale'     # results of other parameters are no results of this job
     return 'failed' if (d / 'error.txt').is_file() else 'todo'
 
+# %% ../nbs/21_grid.ipynb #ccc081cb
 @contextmanager
 def _stderr_to(path):
     "Send this process's file descriptor 2 (where papermill's kernels write their own warnings) to `path`."
@@ -128,12 +133,14 @@ def _stderr_to(path):
             os.dup2(saved, 2)
             os.close(saved)
 
+# %% ../nbs/21_grid.ipynb #db4c9617
 def papermill_execute(notebook, output, parameters):
     "Run the training notebook with `parameters`, saving the executed copy at `output`."
     import papermill as pm
     with _stderr_to(Path(output).with_name('kernel.log')):          # keeps the grid's report free of kernel noise
         pm.execute_notebook(str(notebook), str(output), parameters=parameters, progress_bar=False, log_output=False)
 
+# %% ../nbs/21_grid.ipynb #1e5e01ea
 def run_grid(jobs, out_root, notebook='nbs/train.ipynb', execute=papermill_execute, progress=True) -> dict:
     "Run every job that has no result; returns {name: 'done' | 'ran' | 'failed' | 'blocked'} for this pass."
     out_root, result = Path(out_root), {}
@@ -178,6 +185,7 @@ def collect(jobs, out_root) -> list:
         rows.append(row)
     return rows
 
+# %% ../nbs/21_grid.ipynb #b61b0ca5
 def config_name(r) -> str:
     "How a table names a row's configuration."
     names = dict(vjepa='V-JEPA', vjepa_ll='V-JEPA+LL', videomae='VideoMAE', supervised='supervised ViT', unet='U-Net',
@@ -185,15 +193,18 @@ def config_name(r) -> str:
     return names[r['method']] + (f" λ={r['lam']:g}" if r['method'] == 'vjepa_ll' else '') + \
            (f" fb{r['frozen_blocks']}" if r['method'] not in END_TO_END + ('atlas',) else '')
 
+# %% ../nbs/21_grid.ipynb #d58e34c4
 def _value(r, split, metric, cls):
     try: return r[split][cls][metric]['mean']
     except (KeyError, TypeError): return float('nan')
 
+# %% ../nbs/21_grid.ipynb #b16b9c9a
 def _undefined(r, split, metric, cls):
     "Frames whose contour distance is undefined (a structure missed), 0 for overlap metrics."
     try: return int(r[split][cls][metric].get('n_undefined') or 0)
     except (KeyError, TypeError, AttributeError): return 0
 
+# %% ../nbs/21_grid.ipynb #37dc02db
 def seed_table(rows, metric='dsc', split='test', cls='paper:mean', digits=3) -> str:
     "Markdown: configuration x label fraction, mean ± sd across seeds (n seeds), failed or missing runs named."
     fracs = sorted({r['label_fraction'] for r in rows}, reverse=True)
@@ -227,11 +238,13 @@ def compare(rows, a='vjepa_ll', b='vjepa', metric='dsc', cls='paper:mean') -> li
                         n_frames=t['frame']['n'], n_sequences=t['sequence']['n']))
     return out
 
+# %% ../nbs/21_grid.ipynb #f02f3068
 def _seed_sd(rows, pick, lf, metric, cls):
     "The sd across seeds of the single-run scores of the rows `pick` selects at label fraction `lf` (NaN below 2 runs)."
     v = [_value(r, 'test', metric, cls) for r in rows if r['status'] == 'done' and r['label_fraction'] == lf and pick(r)]
     return float(np.std(v, ddof=1)) if len(v) > 1 else float('nan')
 
+# %% ../nbs/21_grid.ipynb #c721755e
 def compare_table(cmp, rows, metric='dsc', cls='paper:mean') -> str:
     "Markdown: Δ mean ± sd over seeds, the seed spread of single runs, p-values per seed, and the verdict."
     lines = ['| λ | frozen | labels | Δ mean DSC (+LL − V-JEPA), mean ± sd over seeds | seed spread | p per frame | p per sequence | verdict |',
@@ -256,6 +269,7 @@ def _mean(xs):
     xs = [x for x in xs if x is not None and math.isfinite(x)]
     return float(np.mean(xs)) if xs else float('nan')
 
+# %% ../nbs/21_grid.ipynb #4f942037
 def ef_rows(rows) -> str:
     "Markdown: EF MAE, bias and r (predicted vs reference masks) per configuration and label fraction, mean over seeds."
     lines = ['| configuration | labels | EF MAE (%) | bias (%) | r | n runs | patients scored / dropped |', '|---|---|---|---|---|---|---|']
@@ -269,6 +283,7 @@ def ef_rows(rows) -> str:
         lines.append(f"| {c} | {lf:.0%} | {m('mae'):.1f} | {m('bias'):+.1f} | {m('r'):.2f} | {len(efs)} | {n('n')} / {n('n_dropped')} |")
     return '\n'.join(lines)
 
+# %% ../nbs/21_grid.ipynb #dd56c814
 def figure2(rows, out_root, fractions=None, seed=0, n_clips=3, frame=9, device='cpu'):
     "Test clips (rows) at `frame` (1-based): the reference, then each configuration's prediction at each fraction -> Figure."
     import matplotlib.pyplot as plt, torch

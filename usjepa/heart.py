@@ -46,9 +46,13 @@ class PhantomParams:
 
     def replace(self, **kw): return dataclasses.replace(self, **kw)
 
+# %% ../nbs/01_heart.ipynb #a6896127
 def _u(rng, r): return float(rng.uniform(*r)) if isinstance(r, (tuple, list)) else float(r)
+
+# %% ../nbs/01_heart.ipynb #0b882ab8
 def _lerp(r, z): return r[0] + (r[1] - r[0]) * z
 
+# %% ../nbs/01_heart.ipynb #5f7676de
 def patient_params(seed, P=PhantomParams()):
     "Anatomy and function shared by both views of one patient (lengths in mm)."
     rng = np.random.default_rng([seed, 0])
@@ -70,6 +74,7 @@ def patient_params(seed, P=PhantomParams()):
         sex=str(rng.choice(['F', 'M'])), age=int(rng.integers(20, 95)),
     )
 
+# %% ../nbs/01_heart.ipynb #b2a7690f
 def view_params(seed, view, n_frames, size, P=PhantomParams()):
     "Pose, scanner settings, image quality and artefacts of one view."
     rng = np.random.default_rng([seed, VIEW_IDS[view]])
@@ -106,13 +111,13 @@ def view_params(seed, view, n_frames, size, P=PhantomParams()):
     p['quality'] = 'Good' if p['score'] < lo else 'Medium' if p['score'] < hi else 'Poor'
     return p
 
-
 # %% ../nbs/01_heart.ipynb #dd919672
 def smooth_noise(rng, shape, sigma):
     "A Gaussian-smoothed white-noise field with unit standard deviation."
     f = ndimage.gaussian_filter(rng.standard_normal(shape), sigma)
     return f / (f.std() + 1e-9)
 
+# %% ../nbs/01_heart.ipynb #d17ca1b5
 def sample_heart(seed, view, n_frames, size, P=PhantomParams()):
     """The patient's and this view's parameters, ready for `draw_anatomy`: `(pp, vp)`. `vp['rng']` is the
     view's generator, left where the image formation goes on drawing from it."""
@@ -146,6 +151,7 @@ def _harmonics(z, coefs, k0=1):
         zk = zk * z
     return out
 
+# %% ../nbs/01_heart.ipynb #42238b0b
 def _ellipse_level(du, dv, b, a, coefs=None, k0=2):
     "rho / R(phi) for an ellipse (semi-axes b along u, a along v) with harmonic perturbation: < 1 inside."
     rho = np.hypot(du, dv) + 1e-6
@@ -154,6 +160,7 @@ def _ellipse_level(du, dv, b, a, coefs=None, k0=2):
     if coefs is not None: r = r * _harmonics(z, coefs, k0)
     return rho / r, z, rho, r
 
+# %% ../nbs/01_heart.ipynb #96b2cdcb
 def _seg_dist(x, y, p, q):
     "Distance from points (x, y) to the segment p-q."
     px, py = p; qx, qy = q
@@ -281,6 +288,7 @@ def _disc_diameters(mask, spacing, n_discs, sub=3):
     area = np.bincount(np.clip(((t - t0) / h).astype(int), 0, n_discs - 1), minlength=n_discs) * (sy * sx / sub ** 2)
     return L, area / h                                             # slab area / slab thickness = width
 
+# %% ../nbs/01_heart.ipynb #2c31f88a
 def biplane_volume(mask_2ch, mask_4ch, spacing_2ch, spacing_4ch, n_discs=20):
     """LV volume (ml) by the biplane method of discs (Simpson's rule) from the LV cavity masks of the
     apical 2CH and 4CH views (bool or 0/1 arrays (H, W), apex at the top) and their pixel spacings
@@ -293,6 +301,7 @@ def biplane_volume(mask_2ch, mask_4ch, spacing_2ch, spacing_4ch, n_discs=20):
     L = max(L2, L4)
     return float(np.pi / 4 * (a * b).sum() * L / n_discs / 1000.0)   # mm^3 -> ml
 
+# %% ../nbs/01_heart.ipynb #b5404085
 def ejection_fraction(edv, esv):
     "Ejection fraction in percent, 100 (EDV - ESV) / EDV, as CAMUS's Info_*.cfg `EF`; NaN unless EDV > 0."
     edv, esv = float(edv), float(esv)

@@ -82,6 +82,7 @@ def _take(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     "Rows of `x` (B, K, C) at positions `pos` (B, P) -> (B, P, C)."
     return x.gather(1, pos.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
+# %% ../nbs/08_localization.ipynb #4c8f822e
 def split_pairs(n_pairs: int, n_generators: int) -> list:
     "`n_pairs` pairs per clip split as evenly as possible over `n_generators` mask generators (first ones get the remainder)."
     if n_generators < 1:
@@ -91,6 +92,7 @@ def split_pairs(n_pairs: int, n_generators: int) -> list:
     q, r = divmod(n_pairs, n_generators)
     return [q + (g < r) for g in range(n_generators)]
 
+# %% ../nbs/08_localization.ipynb #7b91cabc
 def localization_loss(head: nn.Module,  # maps (e1, e2) -> Δ, e.g. `LocalizationHead`
                       preds,            # (B, K, D) predicted target embeddings, or a list (one per mask generator)
                       tgt_idx,          # (B, K) their flat token indices, or a list matching `preds`

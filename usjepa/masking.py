@@ -17,12 +17,14 @@ def check_grid(grid):
     if len(grid) != 3 or min(grid) < 1: raise ValueError(f"grid must be three positive ints (gt, gh, gw), got {grid!r}")
     return grid
 
+# %% ../nbs/04_masking.ipynb #e7849915
 def _check_range(name, r, lo, hi):
     "Validate a (min, max) pair with lo < min <= max <= hi."
     r = tuple(float(v) for v in r)
     if len(r) != 2 or not (lo < r[0] <= r[1] <= hi): raise ValueError(f"{name} must be (min, max) within ({lo}, {hi}], got {r!r}")
     return r
 
+# %% ../nbs/04_masking.ipynb #f8141e68
 def _uniform(lo, hi, generator):
     "One float drawn uniformly from [lo, hi] with `generator`."
     return lo + torch.rand(1, generator=generator).item() * (hi - lo)
@@ -125,6 +127,7 @@ def vjepa_masks(batch_size, grid, generator=None, configs=VJEPA_MASKS):
     "One `(ctx_idx, tgt_idx)` pair per mask generator in `configs`, for a batch on the token `grid`."
     return [MultiBlockMask3D(grid, **cfg)(batch_size, generator=generator) for cfg in configs]
 
+# %% ../nbs/04_masking.ipynb #4bd58969
 def check_mask_grid(grid, configs=VJEPA_MASKS, min_targets=1, trials=4, seed=0):
     "Raise a `ValueError` if the token `grid` is too small for the mask generators `configs`; else return the grid."
     grid = check_grid(grid)

@@ -29,6 +29,7 @@ def _as_numpy(x):
     if isinstance(x, torch.Tensor): return x.detach().cpu().numpy()
     return np.asarray(x)
 
+# %% ../nbs/10_metrics.ipynb #94fe8c86
 def check_label_values(x, what='labels'):
     "`x` as a numpy array; raises if any value is not a CAMUS label 0..3 (255, NaN, 1.5, ... are named)."
     x = _as_numpy(x)
@@ -37,6 +38,7 @@ def check_label_values(x, what='labels'):
         raise ValueError(f"{what}: label values must be in {LABELS}, found {np.unique(x[bad])[:10].tolist()}")
     return x
 
+# %% ../nbs/10_metrics.ipynb #122e54d7
 def check_structures(structures=None) -> dict:
     "`{name: tuple of labels}`; `None` means `STRUCTURES`, a sequence of ints means those labels in the paper convention."
     if structures is None: structures = STRUCTURES
@@ -54,6 +56,7 @@ def check_structures(structures=None) -> dict:
     if not out: raise ValueError("no structures given")
     return out
 
+# %% ../nbs/10_metrics.ipynb #35c5740c
 def structure_mask(labels, structure) -> np.ndarray:
     "Boolean mask of the pixels of label map(s) `labels` whose label is in `structure` (a set of labels)."
     return np.isin(_as_numpy(labels), tuple(structure))
@@ -71,23 +74,27 @@ def frame_confusion(pred, target) -> np.ndarray:
     cell += (np.arange(n) * k * k)[:, None]
     return np.bincount(cell.ravel(), minlength=n * k * k).reshape(n, k, k)
 
+# %% ../nbs/10_metrics.ipynb #671f116a
 def counts_from_confusion(conf, labels) -> dict:
     "TP, FP, FN per frame of the structure `labels` (a set of labels) from `frame_confusion` output."
     s = np.isin(np.arange(len(LABELS)), tuple(labels))
     return dict(tp=conf[:, s][:, :, s].sum((1, 2)), fp=conf[:, s][:, :, ~s].sum((1, 2)),
                 fn=conf[:, ~s][:, :, s].sum((1, 2)))
 
+# %% ../nbs/10_metrics.ipynb #8c9a2d61
 def frame_counts(pred, target, structures=None) -> dict:
     "TP, FP, FN per frame for each structure: `{name: dict(tp, fp, fn)}`, arrays of length = number of frames."
     conf = frame_confusion(pred, target)
     return {name: counts_from_confusion(conf, labels) for name, labels in check_structures(structures).items()}
 
+# %% ../nbs/10_metrics.ipynb #60da34a9
 def _ratio(num, den, both_empty):
     "num/den with 0/0 -> 1.0 where `both_empty`, else 0.0."
     num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
     safe = np.where(den > 0, den, 1.0)
     return np.where(den > 0, num / safe, np.where(both_empty, 1.0, 0.0))
 
+# %% ../nbs/10_metrics.ipynb #43a0b8b3
 def scores_from_counts(tp, fp, fn) -> dict:
     "DSC, JI, PPV and recall from per-frame counts, with the documented empty-mask convention."
     tp, fp, fn = (np.asarray(a, dtype=np.int64) for a in (tp, fp, fn))
@@ -97,6 +104,7 @@ def scores_from_counts(tp, fp, fn) -> dict:
                 ppv=_ratio(tp, tp + fp, both_empty),
                 recall=_ratio(tp, tp + fn, both_empty))
 
+# %% ../nbs/10_metrics.ipynb #f7bdcd5d
 def frame_scores(pred, target, structures=None) -> dict:
     "Per-frame scores: `{name: dict(dsc, ji, ppv, recall)}`, each an array with one value per frame."
     return {c: scores_from_counts(**k) for c, k in frame_counts(pred, target, structures).items()}
@@ -119,12 +127,14 @@ def contour(mask) -> np.ndarray:
     if m.ndim != 2: raise ValueError(f"a mask must be 2-D (H, W), got shape {m.shape}")
     return m & ~ndimage.binary_erosion(m)
 
+# %% ../nbs/10_metrics.ipynb #fa8b4ffb
 def _check_spacing(spacing):
     sp = tuple(float(s) for s in np.asarray(spacing, np.float64).ravel())
     if len(sp) != 2 or not all(np.isfinite(s) and s > 0 for s in sp):
         raise ValueError(f"pixel spacing must be two positive numbers (row_mm, col_mm), got {spacing}")
     return sp
 
+# %% ../nbs/10_metrics.ipynb #1f3d5893
 def contour_distances(pred_mask, ref_mask, spacing=(1.0, 1.0)) -> tuple:
     "(HD, MAD) in mm between the contours of two 2-D masks; (0, 0) if both are empty, (NaN, NaN) if one is."
     spacing = _check_spacing(spacing)
@@ -139,6 +149,7 @@ def contour_distances(pred_mask, ref_mask, spacing=(1.0, 1.0)) -> tuple:
     d_ba = ndimage.distance_transform_edt(~a, sampling=spacing)[b]
     return float(max(d_ab.max(), d_ba.max())), float((d_ab.mean() + d_ba.mean()) / 2)
 
+# %% ../nbs/10_metrics.ipynb #02cb0a0d
 def frame_distances(pred, target, spacing, structures=None) -> dict:
     "`{name: dict(hd, mad)}` per frame of label maps `(T,H,W)` with one spacing `(row_mm, col_mm)` or one per frame `(T, 2)`."
     pred, target = check_label_values(pred, 'pred'), check_label_values(target, 'target')
@@ -179,6 +190,7 @@ def ef_table(cases, reference_ef=None, n_discs=20, strict=True) -> list:
         rows.append({k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in row.items()})
     return rows
 
+# %% ../nbs/10_metrics.ipynb #973c3c57
 def agreement(pred, ref) -> dict:
     "n, MAE, bias = mean(pred - ref), std of the differences (ddof=1), Pearson r; pairs with a missing value are skipped (`n_dropped`)."
     p, r = (np.array([np.nan if x is None else x for x in v], np.float64) for v in (pred, ref))
@@ -188,6 +200,7 @@ def agreement(pred, ref) -> dict:
     return dict(n=int(p.size), n_dropped=int((~ok).sum()), mae=float(np.abs(d).mean()) if p.size else None, bias=float(d.mean()) if p.size else None,
                 std=float(d.std(ddof=1)) if p.size > 1 else None, r=float(np.corrcoef(p, r)[0, 1]) if spread else None)
 
+# %% ../nbs/10_metrics.ipynb #1a998b3e
 def ef_summary(rows, n_incomplete=0) -> dict:
     """`agreement` of predicted vs reference EDV, ESV, EF; and EF vs the cfg's (`ef_vs_cfg`, `ef_ref_vs_cfg`) when present.
     Each counts in `n_dropped` the patients it leaves out: a missing value (an empty ES mask) or, `n_incomplete`, a missing view or phase."""
@@ -198,6 +211,7 @@ def ef_summary(rows, n_incomplete=0) -> dict:
     for v in out.values(): v['n_dropped'] += int(n_incomplete)
     return out
 
+# %% ../nbs/10_metrics.ipynb #71ecea16
 def plot_ef(rows, ax=None, reference='ref'):
     "Scatter of predicted vs reference EF (`reference`: 'ref' masks or 'cfg' values) with the identity line -> Figure."
     import matplotlib.pyplot as plt

@@ -28,6 +28,7 @@ def sincos_1d(dim, pos):
     angles = pos.to(torch.float64)[:, None] * omega[None]
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
+# %% ../nbs/05_model.ipynb #cf5c2856
 def sincos_pos_embed_3d(dim, grid, uniform_power=True):
     "Fixed 3D sin-cos positional embedding (N, dim) float32 for a time-major token `grid` (gt, gh, gw)."
     gt, gh, gw = grid
@@ -57,12 +58,14 @@ def token_coords(idx, grid):
     gt, gh, gw = grid
     return idx // (gh * gw), idx // gw % gh, idx % gw
 
+# %% ../nbs/05_model.ipynb #f96a16a3
 def rope_dims(head_dim):
     "Channels of a head turned per axis (time, height, width), as V-JEPA 2: `2*((head_dim//3)//2)`; the rest are not turned."
     d = 2 * ((head_dim // 3) // 2)
     if d < 2: raise ValueError(f"head_dim={head_dim} is too small for 3D RoPE (needs at least 6 channels per head)")
     return d
 
+# %% ../nbs/05_model.ipynb #262c059e
 def rope_angles(pos, dim, variant='vjepa2'):
     "Angles (..., dim) of the `dim` channels of one axis at positions `pos` (...), float32."
     if variant not in ROPE_VARIANTS: raise ValueError(f"rope_variant={variant!r} is unknown; choose one of {ROPE_VARIANTS}")
@@ -71,6 +74,7 @@ def rope_angles(pos, dim, variant='vjepa2'):
     # V-JEPA 2 tiles the bands over the channels ([f, f]); a true rotation gives both channels of pair k band k
     return torch.cat([f, f], -1) if variant == 'vjepa2' else f.repeat_interleave(2, -1)
 
+# %% ../nbs/05_model.ipynb #8f848451
 def rope_table(idx, grid, head_dim, variant='vjepa2'):
     "(cos, sin), each (B or 1, 1, K, 3d), for tokens `idx` (B, K) or (K,) of `grid`: time | height | width channels."
     d = rope_dims(head_dim)
@@ -78,6 +82,7 @@ def rope_table(idx, grid, head_dim, variant='vjepa2'):
     ang = (ang[None] if ang.dim() == 2 else ang)[:, None]           # broadcast over the heads
     return ang.cos(), ang.sin()
 
+# %% ../nbs/05_model.ipynb #1ae9197d
 def rope_rotate(x, rope):
     "Turn the channel pairs (x[2k], x[2k+1]) of the first `3d` channels of `x` (B, heads, K, head_dim) by `rope` = (cos, sin)."
     cos, sin = rope
@@ -95,6 +100,7 @@ class RoPEAttention(Attention):
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.)
         return self.proj_drop(self.proj(rearrange(x, 'b h n d -> b n (h d)')))
 
+# %% ../nbs/05_model.ipynb #41879091
 class RoPEBlock(Block):
     "timm's pre-norm `Block` with `RoPEAttention`; `forward(x, rope)` takes the `(cos, sin)` table of the tokens."
     def __init__(self, dim, num_heads, qkv_bias=True, **kw):
@@ -113,6 +119,7 @@ def apply_masks(x, idx):
         raise ValueError(f"token indices must be (B={x.shape[0]}, K), got shape {tuple(idx.shape)}")
     return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
+# %% ../nbs/05_model.ipynb #ee43590e
 class PatchEmbed3D(nn.Module):
     "Tubelet embedding: Conv3d with kernel = stride = (tubelet, patch, patch), tokens time-major."
     def __init__(self, patch_size=16, tubelet_size=2, in_chans=3, embed_dim=1024):
@@ -121,6 +128,7 @@ class PatchEmbed3D(nn.Module):
                               stride=(tubelet_size, patch_size, patch_size))
     def forward(self, x): return rearrange(self.proj(x), 'b d t h w -> b (t h w) d')
 
+# %% ../nbs/05_model.ipynb #673ead3f
 def _init_weights(m, std=0.02):
     "V-JEPA's initialisation: truncated normal weights, zero biases, unit LayerNorms."
     if isinstance(m, (nn.Linear, nn.Conv3d)):
@@ -129,12 +137,14 @@ def _init_weights(m, std=0.02):
     elif isinstance(m, nn.LayerNorm):
         nn.init.ones_(m.weight); nn.init.zeros_(m.bias)
 
+# %% ../nbs/05_model.ipynb #cbddaa83
 def _rescale_blocks(blocks):
     "Scale each residual branch's output projection by 1/sqrt(2*layer), as V-JEPA does."
     with torch.no_grad():
         for layer, blk in enumerate(blocks, 1):
             blk.attn.proj.weight.div_(math.sqrt(2. * layer)); blk.mlp.fc2.weight.div_(math.sqrt(2. * layer))
 
+# %% ../nbs/05_model.ipynb #a7d89cbd
 def _make_blocks(dim, depth, num_heads, mlp_ratio, qkv_bias, drop_path_rate, rope=False):
     "`depth` pre-norm blocks (timm's `Block`, or `RoPEBlock` with `rope`), stochastic depth rising linearly."
     dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
@@ -142,6 +152,7 @@ def _make_blocks(dim, depth, num_heads, mlp_ratio, qkv_bias, drop_path_rate, rop
     return nn.ModuleList([cls(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_path=dpr[i],
                               act_layer=nn.GELU, norm_layer=partial(nn.LayerNorm, eps=1e-6)) for i in range(depth)])
 
+# %% ../nbs/05_model.ipynb #523fd5e1
 def run_blocks(blocks, x, checkpointing=False, rope=None):
     "Apply `blocks` in turn (RoPE blocks get the `rope` table); with `checkpointing` (and autograd on) activations are recomputed in backward."
     args = () if rope is None else (rope,)
@@ -149,10 +160,12 @@ def run_blocks(blocks, x, checkpointing=False, rope=None):
         x = checkpoint(blk, x, *args, use_reentrant=False) if checkpointing and torch.is_grad_enabled() else blk(x, *args)
     return x
 
+# %% ../nbs/05_model.ipynb #e4490b21
 def _check_pos_embed(pos_embed, rope_variant):
     if pos_embed not in POS_EMBEDS: raise ValueError(f"pos_embed={pos_embed!r} is unknown; choose one of {POS_EMBEDS}")
     if rope_variant not in ROPE_VARIANTS: raise ValueError(f"rope_variant={rope_variant!r} is unknown; choose one of {ROPE_VARIANTS}")
 
+# %% ../nbs/05_model.ipynb #28e6e770
 def _pair(x): return (int(x), int(x)) if isinstance(x, (int, float)) else tuple(int(v) for v in x)
 
 # %% ../nbs/05_model.ipynb #a3cec5ef
@@ -256,11 +269,22 @@ def build_encoder(name, **kw):
     dim, depth, heads = MODEL_SIZES[name]
     return VisionTransformer(**{**dict(embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=MLP_RATIOS.get(name, 4.)), **kw})
 
+# %% ../nbs/05_model.ipynb #2e5e99c4
 def vit_tiny(**kw): return build_encoder('vit_tiny', **kw)
+
+# %% ../nbs/05_model.ipynb #650f0c7e
 def vit_small(**kw): return build_encoder('vit_small', **kw)
+
+# %% ../nbs/05_model.ipynb #d5adfda5
 def vit_base(**kw): return build_encoder('vit_base', **kw)
+
+# %% ../nbs/05_model.ipynb #9831745f
 def vit_large(**kw): return build_encoder('vit_large', **kw)
+
+# %% ../nbs/05_model.ipynb #71361aee
 def vit_huge(**kw): return build_encoder('vit_huge', **kw)
+
+# %% ../nbs/05_model.ipynb #404b2e77
 def vit_giant(**kw): return build_encoder('vit_giant', **kw)
 
 # %% ../nbs/05_model.ipynb #40e07339
@@ -311,6 +335,7 @@ class Predictor(nn.Module):
         self.grad_checkpointing = bool(enable)
         return self
 
+# %% ../nbs/05_model.ipynb #e9ee860f
 def build_predictor(encoder, predictor_embed_dim=384, depth=12, num_mask_tokens=2, num_heads=None, **kw):
     """The predictor V-JEPA pairs with `encoder`: same grid, width and kind of positions; `num_heads` None: as many heads as
     the encoder (V-JEPA); V-JEPA 2's published predictors have 12 whatever the encoder (its configs' `pred_num_heads`)."""

@@ -25,6 +25,7 @@ def _complex_field(rng, n, H, W, sigma, rho):
     for t in range(1, n): c[t] = rho * c[t - 1] + np.sqrt(1 - rho ** 2) * c[t]
     return c / np.sqrt((np.abs(c) ** 2).mean())
 
+# %% ../nbs/02_phantom.ipynb #41112a6b
 def _speckle(rng, coords, blood, sigma, rho):
     """Rayleigh speckle amplitude (F, H, W) with unit power. In tissue it is a scatterer field sampled at each
     frame's material coordinates (`coords`: per frame (x0, y0)), so it moves and deforms with the tissue and
@@ -38,7 +39,6 @@ def _speckle(rng, coords, blood, sigma, rho):
         im = ndimage.map_coordinates(mat[t].imag, [y0, x0], order=1, mode='reflect')
         amp[t] = np.where(blood[t], np.abs(fresh[t]), np.hypot(re, im) * 1.15)   # (linear interpolation smooths a little)
     return amp
-
 
 # %% ../nbs/02_phantom.ipynb #5fa60a44
 def _fit_in_fan(pp, vp, X, Y, view, ox, oy, margin_deg=3.0, pad=0.0):
@@ -86,6 +86,7 @@ def _size(size):
     except (TypeError, ValueError):
         raise ValueError(f"size must be an int (square images) or a pair (H, W) of ints; got {size!r}") from None
 
+# %% ../nbs/02_phantom.ipynb #426dcdb2
 def make_sequence(seed, view='4CH', n_frames=None, size=(256, 256), params: PhantomParams | None = None):
     """One synthetic apical half sequence: dict(video uint8 (F,H,W), labels uint8 (F,H,W), info dict).
     `size` is an int (square) or (H, W); `params` (a `PhantomParams`) sets the realism knobs."""
@@ -162,7 +163,6 @@ def make_sequence(seed, view='4CH', n_frames=None, size=(256, 256), params: Phan
                                hypokinesis=bool(pp['hypo'])))
     return dict(video=video, labels=labels, info=info)
 
-
 # %% ../nbs/02_phantom.ipynb #43973c1a
 def _save_nifti(path, arr_fhw, spacing):
     "Save (F,H,W) or (H,W) uint8 as CAMUS does: axes (width, height[, frames]), spacing in pixdim."
@@ -175,6 +175,7 @@ def _save_nifti(path, arr_fhw, spacing):
     img.header.set_data_dtype(np.uint8); img.header.set_zooms(zooms)
     nib.save(img, str(path))
 
+# %% ../nbs/02_phantom.ipynb #76c803eb
 def write_nifti_sequence(patient_dir, view, video, labels, info):
     "Write one view of one patient in the CAMUS 2023 NIfTI layout (`info` needs ED, ES and spacing)."
     patient_dir = Path(patient_dir); patient_dir.mkdir(parents=True, exist_ok=True)
@@ -198,6 +199,7 @@ PHANTOM_VERSION = 2
 
 def _patient_seed(seed, i): return int(seed) * 1_000_003 + int(i)
 
+# %% ../nbs/02_phantom.ipynb #5cd1f0f6
 def make_patient(seed, views=('2CH', '4CH'), n_frames=None, size=(256, 256), params: PhantomParams | None = None):
     """Both views of one patient (one heart): {view: make_sequence(...)}, with `info['EF']` replaced by the
     ejection fraction *measured* on the generated ED/ES cavity masks by `biplane_volume` (percent) -- the
@@ -214,15 +216,18 @@ def make_patient(seed, views=('2CH', '4CH'), n_frames=None, size=(256, 256), par
         s['info'].update(EF=round(ef, 1), EDV=round(edv, 2), ESV=round(esv, 2))
     return seqs
 
+# %% ../nbs/02_phantom.ipynb #e34bb92e
 def _read_manifest(mpath):
     try: return json.loads(Path(mpath).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{mpath}: cannot parse the phantom manifest ({type(e).__name__}: {e}); the file is empty or "
                          f"torn (an interrupted write?) -- delete {mpath} (and the data set beside it) and run again") from e
 
+# %% ../nbs/02_phantom.ipynb #9d8e36dc
 def _write_manifest(mpath, d):
     with atomic_write(mpath) as tmp: Path(tmp).write_text(json.dumps(d, indent=1))
 
+# %% ../nbs/02_phantom.ipynb #198a7d4d
 def write_camus_phantom(root, n_patients=60, seed=0, size=(256, 256), views=('2CH', '4CH'), progress=True,
                         params: PhantomParams | None = None):
     """Write a synthetic data set in the CAMUS 2023 on-disk layout under `root`; returns `root` (a Path).

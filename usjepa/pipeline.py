@@ -28,6 +28,7 @@ def run(c: RunConfig, on_epoch_end=None) -> dict:
     with run_lock(c.out_dir) if d.is_main else nullcontext():        # one run per folder, from before its first write
         return _run(c, d, on_epoch_end)
 
+# %% ../nbs/19_pipeline.ipynb #8a0fe2c2
 def _run(c: RunConfig, d, on_epoch_end=None) -> dict:
     if d.is_main:
         prepare_run_dir(c)
@@ -69,12 +70,14 @@ def _run(c: RunConfig, d, on_epoch_end=None) -> dict:
     d.barrier()
     return res
 
+# %% ../nbs/19_pipeline.ipynb #90d5c00d
 def torchrun_command(c: RunConfig, config_path) -> list:
     "The torchrun command line that runs `config_path` on this node."
     return [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={c.nproc_per_node}',
             f'--nnodes={c.nnodes}', f'--node_rank={c.node_rank}', f'--master_addr={c.master_addr}',
             f'--master_port={c.master_port}', '-m', 'usjepa.pipeline', str(config_path)]
 
+# %% ../nbs/19_pipeline.ipynb #5c127e8a
 def launch(c: RunConfig, on_epoch_end=None) -> dict:
     "Run in this process, or under torchrun (DDP) when `nproc_per_node * nnodes > 1`."
     c = validate(c)
@@ -88,6 +91,7 @@ def launch(c: RunConfig, on_epoch_end=None) -> dict:
     if proc.returncode: raise RuntimeError(f"torchrun failed with exit code {proc.returncode}: {shlex.join(cmd)}")
     return json.loads((out / 'summary.json').read_text()) if c.node_rank == 0 else dict(out_dir=str(out))
 
+# %% ../nbs/19_pipeline.ipynb #56796353
 def main(argv=None):
     "`python -m usjepa.pipeline CONFIG.json`: run a saved configuration (this is what torchrun starts)."
     import argparse

@@ -24,8 +24,10 @@ def freeze_encoder(encoder: nn.Module) -> nn.Module:
     for p in encoder.parameters(): p.requires_grad_(False)
     return encoder
 
+# %% ../nbs/13_probe.ipynb #3d730c1b
 def _device_type(t): return t.device.type if isinstance(t, torch.Tensor) else torch.device(t).type
 
+# %% ../nbs/13_probe.ipynb #1f1358d2
 @torch.no_grad()
 def frozen_features(encoder: nn.Module, video: torch.Tensor, amp_dtype=None) -> torch.Tensor:
     "Token grid `(B, N, D)` of a frozen encoder for `video` `(B, 3, T, H, W)`, float32, no graph."
@@ -75,6 +77,7 @@ class CrossAttention(nn.Module):
         k, v = rearrange(self.kv(x), 'b m (two h d) -> two b h m d', two=2, h=self.num_heads)
         return self.proj(rearrange(F.scaled_dot_product_attention(q, k, v), 'b h n d -> b n (h d)'))
 
+# %% ../nbs/13_probe.ipynb #4b0d9cd8
 class CrossAttentionBlock(nn.Module):
     "V-JEPA's cross-attention block: `q + xattn(q, LN(x))`, then `q + MLP(LN(q))`."
     def __init__(self, dim, kv_dim, num_heads=8, mlp_ratio=4.0, qkv_bias=True):
@@ -88,6 +91,7 @@ class CrossAttentionBlock(nn.Module):
         q = q + self.xattn(q, self.norm1(x))
         return q + self.mlp(self.norm2(q))
 
+# %% ../nbs/13_probe.ipynb #854a23a8
 class AttentiveProbe(nn.Module):
     "One learnable query per grid cell cross-attends to frozen tokens `(B, N, D)` -> `(B, N, probe_dim)`."
     def __init__(self, grid, embed_dim, probe_dim=256, num_heads=8, depth=1, mlp_ratio=4.0, qkv_bias=True,
@@ -133,6 +137,7 @@ def split_patch(patch: int) -> tuple:
     s1 = max(d for d in range(1, math.isqrt(patch) + 1) if patch % d == 0)
     return s1, patch // s1
 
+# %% ../nbs/13_probe.ipynb #b4476fe0
 class ConvDecoder(nn.Module):
     "Grid features `(B, N, probe_dim)` -> logits `(B, num_classes, T, H, W)` with two ConvTranspose3d layers."
     def __init__(self, grid, probe_dim, num_classes=4, tubelet=2, patch=16, hidden_dim=None):

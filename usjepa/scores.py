@@ -32,6 +32,7 @@ def _frame_ids(ids, B, T, start):
     if len(ids) != B * T: raise ValueError(f"got {len(ids)} ids for {B * T} frames")
     return [tuple(i) if isinstance(i, (list, tuple)) else i for i in ids]
 
+# %% ../nbs/11_scores.ipynb #df547746
 def _frame_spacing(spacing, B, T):
     "Per-frame `(row_mm, col_mm)` tuples (or None), length B*T."
     if spacing is None: return [None] * (B * T)
@@ -41,6 +42,7 @@ def _frame_spacing(spacing, B, T):
     if sp.shape != (B, T, 2): raise ValueError(f"spacing must be (2,), ({B}, 2) or ({B}, {T}, 2), got shape {sp.shape}")
     return [_check_spacing(s) for s in sp.reshape(-1, 2)]
 
+# %% ../nbs/11_scores.ipynb #031028db
 def _frame_phases(phase, B, T):
     if phase is None: return [None] * (B * T)
     ph = list(np.asarray(phase, dtype=object).reshape(-1))
@@ -49,14 +51,17 @@ def _frame_phases(phase, B, T):
     if bad: raise ValueError(f"phase must be 'ED', 'ES' or None, got {sorted(map(str, bad))}")
     return ph
 
+# %% ../nbs/11_scores.ipynb #6bc073eb
 def _conventions(names):
     "`{'<conv>:mean': [structure names]}` grouping names by the prefix before ':'."
     out = {}
     for n in names: out.setdefault(f"{n.split(':')[0]}:mean" if ':' in n else 'mean', []).append(n)
     return out
 
+# %% ../nbs/11_scores.ipynb #060937ec
 def _nan_none(v): return [None if not np.isfinite(x) else float(x) for x in v]
 
+# %% ../nbs/11_scores.ipynb #26c737b2
 class SegMetrics:
     "Per-frame counts and contour distances per structure, ED/ES tags, LV masks for EF; scores, summary and JSON I/O."
     def __init__(self, structures=None, ed_es=None, reference_ef=None):
@@ -219,6 +224,7 @@ class SegMetrics:
         means = ', '.join(f"{k} DSC {np.mean(sc[k]['dsc']):.3f}" for k in _conventions(self.structures))
         return f"SegMetrics({len(self)} frames, {means})"
 
+# %% ../nbs/11_scores.ipynb #e9d684d3
 def load_metrics(src) -> SegMetrics:
     "A `SegMetrics` from a saved JSON file (or a run folder holding `metrics.json`), a `to_dict()` mapping, or a `SegMetrics`."
     if isinstance(src, SegMetrics): return src
@@ -231,6 +237,7 @@ def _structure_key(m, cls):
     if key not in m.scores(): raise ValueError(f"structure {cls!r} not scored; have {list(m.scores())}")
     return key
 
+# %% ../nbs/11_scores.ipynb #49bdef80
 def _paired_vectors(a, b, metric, cls):
     if metric not in METRICS + DISTANCES: raise ValueError(f"metric must be one of {METRICS + DISTANCES}, got {metric!r}")
     if isinstance(a, (SegMetrics, dict, str, Path)) or isinstance(b, (SegMetrics, dict, str, Path)):
@@ -251,6 +258,7 @@ def _paired_vectors(a, b, metric, cls):
     ok = np.isfinite(x) & np.isfinite(y)                  # distances: unmeasured / undefined frames
     return x[ok], y[ok], None if ids is None else [i for i, k in zip(ids, ok) if k]
 
+# %% ../nbs/11_scores.ipynb #8a8c11e2
 def _unit_means(x, ids, by):
     "Mean of the per-frame scores `x` over each unit: a sequence (`(patient, view)`) or a patient."
     if ids is None or not all(isinstance(i, tuple) and len(i) == 3 for i in ids):
@@ -261,6 +269,7 @@ def _unit_means(x, ids, by):
     idx = np.array([pos[u] for u in units])
     return np.bincount(idx, weights=x) / np.bincount(idx)
 
+# %% ../nbs/11_scores.ipynb #4733e56a
 def paired_test(a, b, metric='dsc', cls='paper:mean', n_boot=10000, seed=0, by='frame') -> dict:
     "Wilcoxon signed-rank p-value, mean ± std of each, and bootstrap 95% CI of mean(a - b), over frames, sequences or patients."
     if by not in ('frame', 'sequence', 'patient'): raise ValueError(f"by must be 'frame', 'sequence' or 'patient', got {by!r}")
@@ -285,6 +294,7 @@ def _run_name(src, k):
     p = Path(src)
     return p.name if p.is_dir() else p.parent.name if p.name == 'metrics.json' else p.stem
 
+# %% ../nbs/11_scores.ipynb #507317f3
 def results_table(sources, metrics=None, structures=None, phase=None, digits=3) -> str:
     "Markdown table, one row per (method, structure): `mean ± std` per metric. `sources`: {name: path|dict|SegMetrics} or a list of paths."
     if not isinstance(sources, dict):

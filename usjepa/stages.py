@@ -39,6 +39,7 @@ def data_root(c: RunConfig) -> Path:
     if c.data_dir: return find_camus_root(c.data_dir)
     return Path(c.pretrained_run or c.out_dir) / 'synthetic_camus'      # a reused pretraining: its data set too
 
+# %% ../nbs/18_stages.ipynb #02bab9f8
 def prepare_data(c: RunConfig, d: Dist = Dist()) -> Path:
     "The CAMUS root for this run; with no `data_dir` the main process writes the synthetic data set first."
     root = data_root(c)
@@ -146,10 +147,12 @@ def _check_finite(stage, epoch, step, row, ckpt_path):
                                  "This folder's parameters would diverge again: start a new run (another out_dir) with a lower "
                                  "learning rate or a smaller clip_grad, or initialise it from this checkpoint.")
 
+# %% ../nbs/18_stages.ipynb #a025f893
 def _mean(xs):
     "Plain mean (a NaN step shows as a NaN epoch, never hidden); NaN for no steps, without numpy's warning."
     return sum(xs) / len(xs) if xs else math.nan
 
+# %% ../nbs/18_stages.ipynb #caf18b69
 def _resume_pretraining(c: RunConfig, model, opt, aux, ckpt_path) -> int:
     "Load the run's `pretrain.pt` (model, optimiser, localization head) when resuming; returns the first epoch to run."
     if not (ckpt_path.exists() and c.resume): return 0
@@ -162,6 +165,7 @@ def _resume_pretraining(c: RunConfig, model, opt, aux, ckpt_path) -> int:
     if aux is not None: aux.load_state_dict(ck['aux'])
     return int(ck['epoch']) + 1
 
+# %% ../nbs/18_stages.ipynb #9e465f1c
 def _step_function(c: RunConfig, model, opt, aux, d: Dist):
     "`step(video, sched, clip, gen) -> stats` of this run's method (V-JEPA (+ LL) or VideoMAE), and the names of its stats."
     dmodel, daux, dtype = ddp(model, d), (None if aux is None else ddp(aux, d)), amp_dtype(c.precision, d.device)
@@ -176,12 +180,14 @@ def _step_function(c: RunConfig, model, opt, aux, d: Dist):
                              reg_coeff=c.reg_coeff, sigreg_coeff=c.sigreg_coeff, **sched)
     return step, STEP_STATS
 
+# %% ../nbs/18_stages.ipynb #77372696
 def _save_pretraining(c: RunConfig, path, model, opt, aux, epoch, row, d: Dist):
     "This epoch's checkpoint, in V-JEPA's (or VideoMAE's) layout."
     meta = dict(opt=opt, epoch=epoch, loss=row['loss'], lr=row['lr'], batch_size=c.batch_size, world_size=d.world)
     if c.method == 'videomae': save_videomae(path, model, **meta)
     else: save_checkpoint(path, model.encoder, model.target_encoder, model.predictor, **meta, **({} if aux is None else dict(aux=aux)))
 
+# %% ../nbs/18_stages.ipynb #89a53af9
 def pretrain(c: RunConfig, root, d: Dist = Dist(), on_epoch_end=None):
     "V-JEPA (+ localization) or VideoMAE pretraining with per-epoch checkpoints and diagnostics; returns the trained model."
     out = Path(c.out_dir)
@@ -240,11 +246,13 @@ def pretrained_encoder(c: RunConfig, run_dir):
     load_checkpoint(path, model.target_encoder, which='target_encoder', strict=True)
     return model.target_encoder
 
+# %% ../nbs/18_stages.ipynb #6777d06b
 def probe_encoder(c: RunConfig, encoder):
     "The frozen encoder as the probe reads it: with `out_layers`, the features of those blocks (`LayerFeatures`)."
     layers = parse_layers(c.out_layers)
     return LayerFeatures(encoder, layers) if layers and encoder is not None else encoder
 
+# %% ../nbs/18_stages.ipynb #d56d7a5c
 def load_run(out_dir, device='cpu'):
     "A finished run folder's `(config, frozen encoder or None, trained segmenter)`, e.g. to predict with it."
     c = load_config(Path(out_dir) / 'config.json')
@@ -261,8 +269,10 @@ def _shard(n, d: Dist):
     if per == 0: raise ValueError(f"{n} clips cannot be shared by {d.world} processes")
     return list(range(d.rank * per, (d.rank + 1) * per))
 
+# %% ../nbs/18_stages.ipynb #d7dc384d
 def _head_kwargs(c: RunConfig): return dict(probe_dim=c.probe_dim, depth=c.probe_depth, blocks_on=c.probe_blocks_on)
 
+# %% ../nbs/18_stages.ipynb #be8c9d1e
 def build_segmenter(c: RunConfig, encoder=None):
     "What the stage trains: a head on the frozen `encoder`, or (end-to-end methods) the whole segmenter; + load report."
     if c.method == 'unet': return ClipUNet(k=c.unet_frames // 2, base=c.unet_base), None
@@ -273,6 +283,7 @@ def build_segmenter(c: RunConfig, encoder=None):
     if c.frozen_blocks: enc.freeze_blocks(c.frozen_blocks)
     return EndToEnd(enc, SegmentationHead.from_encoder(enc, **_head_kwargs(c))), report
 
+# %% ../nbs/18_stages.ipynb #a22ccf85
 def train_segmenter(c: RunConfig, root, encoder, d: Dist = Dist(), on_epoch_end=None):
     """Train probe + decoder on frozen features of the labelled training clips (or, with `encoder=None`, the whole
     end-to-end segmenter on their video); per-epoch checkpoints; returns the trained module."""
@@ -324,6 +335,7 @@ def _reference(ds: CamusClips):
         return held[patient, view]
     return reference
 
+# %% ../nbs/18_stages.ipynb #1b16883b
 def evaluate_split(c: RunConfig, root, encoder, head, d: Dist = Dist(), split='test') -> SegMetrics:
     "Overlap, contour distances, ED/ES tags and ejection fraction on every frame of `split`, as CAMUS scores them."
     ds = clips(c, root, split, 'eval')

@@ -41,6 +41,7 @@ def _fingerprint(encoder):
     with torch.no_grad():
         return [float(sum((k + 1) * p.double().sum() for k, p in enumerate(ps))), sum(p.numel() for p in ps)]
 
+# %% ../nbs/14_training.ipynb #71b675c7
 class FeatureCache(torch.utils.data.Dataset):
     "Frozen-encoder features (+ labels, valid mask, ids) for every clip of a dataset, in memory or on disk."
     keys = ('features', 'labels', 'valid', 'frame_idx')
@@ -107,6 +108,7 @@ def _loader(data, batch_size, shuffle, generator=None, num_workers=0):
     return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator,
                                        num_workers=num_workers)
 
+# %% ../nbs/14_training.ipynb #5ab4fd11
 def _batch_features(batch, encoder, device, amp_dtype):
     "What the head gets: cached features, features of the frozen `encoder`, or (no encoder) the video itself."
     if 'features' in batch: return batch['features'].to(device).float()
@@ -114,6 +116,7 @@ def _batch_features(batch, encoder, device, amp_dtype):
     if encoder is None: return batch['video'].to(device)      # an end-to-end segmenter (supervised ViT, U-Net)
     return frozen_features(encoder, batch['video'].to(device), amp_dtype)
 
+# %% ../nbs/14_training.ipynb #ef72d759
 def seg_loss(logits, labels, valid=None):
     "Pixel-wise cross-entropy over valid frames; `logits` (B,C,T,H,W), `labels` (B,T,H,W)."
     if logits.shape[2:] != labels.shape[1:]:
@@ -146,6 +149,7 @@ def probe_epoch(head, data, opt, *, lr_at=None, step=0, encoder=None, device=Non
         n += len(feats)
     return dict(loss=tot / max(n, 1), lr=lrs, step=step)
 
+# %% ../nbs/14_training.ipynb #d6bf4c2b
 def train_probe(head, data, epochs=20, lr=1e-3, final_lr=0.0, weight_decay=0.01, batch_size=4, *, encoder=None,
                 device=None, amp_dtype=None, generator=None, epoch_generator=None, opt=None, start_epoch=0,
                 on_epoch_end=None, forward=None, num_workers=0, progress=True) -> dict:
@@ -184,10 +188,12 @@ def predict_logits(head, x, encoder=None, amp_dtype=None) -> torch.Tensor:
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         return head(feats).float()
 
+# %% ../nbs/14_training.ipynb #f9d8b7a6
 def predict(head, x, encoder=None, amp_dtype=None) -> torch.Tensor:
     "Label maps `(B, T, H, W)`: the argmax of `predict_logits`."
     return predict_logits(head, x, encoder, amp_dtype).argmax(1)
 
+# %% ../nbs/14_training.ipynb #31dde76e
 def _score_clip(metrics, logits, item, ref, resolution):
     "Score one clip's logits `(C, T, h, w)` against the file's labels (`native`) or the resized ones (`input`)."
     ids = dict(patient=[item['patient']], view=[item['view']], frame_idx=item['frame_idx'][None])
@@ -200,6 +206,7 @@ def _score_clip(metrics, logits, item, ref, resolution):
         spacing = (ref['spacing'][0] * H / h, ref['spacing'][1] * W / w)     # mm per pixel of the resized grid
     metrics.update(pred[None], target[None], item['valid'][None], ids=ids, spacing=spacing)
 
+# %% ../nbs/14_training.ipynb #0067fcba
 def evaluate(head, data, encoder=None, metrics=None, batch_size=4, amp_dtype=None, num_workers=0,
              progress=True, reference=None, resolution='native') -> SegMetrics:
     "Score `head` on every valid frame of `data`; with `reference(patient, view)` at the files' own size and spacing."
@@ -233,6 +240,7 @@ def plot_losses(out_dir):
     fig.tight_layout()
     return fig
 
+# %% ../nbs/14_training.ipynb #603aafc4
 @torch.no_grad()
 def qualitative_figure(ds, head, encoder=None, device='cpu', n=4):
     "`n` clips of `ds` spread over it, a real frame mid-clip each: labels (top), predictions (bottom) -> Figure."

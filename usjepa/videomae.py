@@ -50,6 +50,7 @@ class QVAttention(nn.Module):
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.)
         return self.proj(rearrange(x, 'b h n d -> b n (h d)'))
 
+# %% ../nbs/09_videomae.ipynb #776d1dc8
 class Block(nn.Module):
     "VideoMAE's pre-norm transformer block, with timm's names: norm1, attn, norm2, mlp.fc1/fc2."
     def __init__(self, dim, num_heads, mlp_ratio=4., qkv_bias=True, drop_path=0.):
@@ -62,10 +63,12 @@ class Block(nn.Module):
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
+# %% ../nbs/09_videomae.ipynb #416ceca3
 def _blocks(dim, depth, num_heads, mlp_ratio=4., qkv_bias=True, drop_path_rate=0.):
     "`depth` blocks, stochastic depth rising linearly from 0 to `drop_path_rate`, as VideoMAE."
     return nn.ModuleList([Block(dim, num_heads, mlp_ratio, qkv_bias, drop_path_rate * i / max(depth - 1, 1)) for i in range(depth)])
 
+# %% ../nbs/09_videomae.ipynb #dbabbff7
 def _xavier(m):
     "VideoMAE's pretraining initialisation: Xavier-uniform Linear weights, zero biases, unit LayerNorms."
     if isinstance(m, nn.Linear):
@@ -95,6 +98,7 @@ class VideoMAEEncoder(VisionTransformer):
         pos = self.pos_embed if grid == self.grid else sinusoid_table(math.prod(grid), self.embed_dim)[None].to(x.device)
         return self.patch_embed(x) + pos
 
+# %% ../nbs/09_videomae.ipynb #600ce7b3
 def build_videomae_encoder(name, img_size=224, num_frames=16, **kw):
     "A `VideoMAEEncoder` of size `name` (a key of `usjepa.model.MODEL_SIZES`); `kw` overrides any argument."
     if name not in MODEL_SIZES: raise ValueError(f"unknown model {name!r}; choose one of {list(MODEL_SIZES)}")
@@ -106,6 +110,7 @@ def tubelet_pixels(video, tubelet=2, patch=16):
     "(B, C, T, H, W) -> (B, N, tubelet·patch·patch, C): each token's pixels, tokens time-major, pixels in (t, i, j) order."
     return rearrange(video, 'b c (t p0) (h p1) (w p2) -> b (t h w) (p0 p1 p2) c', p0=tubelet, p1=patch, p2=patch)
 
+# %% ../nbs/09_videomae.ipynb #991e0550
 def normalise_tubelets(pixels, eps=1e-6):
     "VideoMAE's `norm_pix_loss` target: per tubelet and channel, (x − mean) / (unbiased std + eps)."
     return (pixels - pixels.mean(-2, keepdim=True)) / (pixels.var(-2, unbiased=True, keepdim=True).sqrt() + eps)
@@ -123,12 +128,14 @@ class VideoMAEDecoder(nn.Module):
     def forward(self, x, n_masked):
         return self.head(self.norm(run_blocks(self.blocks, x, self.grad_checkpointing)[:, -n_masked:]))
 
+# %% ../nbs/09_videomae.ipynb #74e41303
 def masked_mse(pred, target, masked_idx):
     "MSE of predictions (B, Nm, P) against the targets (B, N, P) of the hidden tokens `masked_idx` (B, Nm) only."
     target = apply_masks(target, masked_idx)
     if pred.shape != target.shape: raise ValueError(f"predictions {tuple(pred.shape)} do not match targets {tuple(target.shape)}")
     return F.mse_loss(pred.float(), target.float())
 
+# %% ../nbs/09_videomae.ipynb #18c2bd52
 class VideoMAEOutput(NamedTuple):
     "What one VideoMAE forward gives."
     loss: torch.Tensor         # scalar MSE over the hidden tubelets
@@ -136,6 +143,7 @@ class VideoMAEOutput(NamedTuple):
     target: torch.Tensor       # (B, Nm, P) their targets
     masked_idx: torch.Tensor   # (B, Nm) their token indices
 
+# %% ../nbs/09_videomae.ipynb #d2c5e75e
 class VideoMAE(nn.Module):
     "VideoMAE pretraining: encoder on the visible tokens, light decoder, MSE on the hidden tubelets' (normalised) pixels."
     def __init__(self, encoder, decoder_dim=384, decoder_depth=4, decoder_heads=6, norm_pix_loss=True, pixel_stats=(MEAN, STD)):
@@ -181,6 +189,7 @@ class VideoMAE(nn.Module):
         self.encoder.set_grad_checkpointing(enable); self.decoder.grad_checkpointing = bool(enable)
         return self
 
+# %% ../nbs/09_videomae.ipynb #c7f3d256
 VIDEOMAE_DECODERS = dict(vit_tiny=(192, 3), vit_small=(192, 3), vit_base=(384, 6), vit_large=(512, 8), vit_huge=(640, 8))
 
 def build_videomae(name, img_size=224, num_frames=16, decoder_dim=None, decoder_depth=4, decoder_heads=None,
@@ -200,6 +209,7 @@ def videomae_param_groups(model, weight_decay=0.):
         if p.requires_grad: (no_decay if name.endswith(('bias', 'mask_token')) or p.ndim == 1 else decay).append(p)
     return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0., wd_exclude=True)]
 
+# %% ../nbs/09_videomae.ipynb #2513a89b
 def videomae_step(model, video, optimizer, *, lr, wd, ratio=0.9, clip_grad=None, amp_dtype=None, generator=None):
     "One VideoMAE step on `video` with fresh tube masks (`ratio`, `generator`); returns the floats named in `VIDEOMAE_STATS`."
     if amp_dtype == torch.float16: raise ValueError("amp_dtype float16 would need a GradScaler; use torch.bfloat16 or None")
@@ -243,6 +253,7 @@ def hf_to_videomae(state):
         out.update({f'{blk}.attn.{n}_bias': p[n + 'b'] for n in 'qkv' if n + 'b' in p})   # a k bias is reported, never used
     return out
 
+# %% ../nbs/09_videomae.ipynb #86699efb
 def _layout(state):
     "Any supported state dict under the original pretraining names, and the name of its layout."
     state = strip_prefixes(state)                                        # DDP `module.` prefixes
@@ -250,6 +261,7 @@ def _layout(state):
     if 'patch_embed.proj.weight' in state: return {'encoder.' + k: v for k, v in state.items()}, 'original (encoder only)'
     return state, 'original'
 
+# %% ../nbs/09_videomae.ipynb #c627c353
 def _read(src):
     "(dict, name) of a state dict, a `.safetensors` file or a torch file (through `open_checkpoint`)."
     if isinstance(src, dict): return src, '(state dict)'
@@ -263,6 +275,7 @@ def _read(src):
     with (allow([argparse.Namespace]) if allow else contextlib.nullcontext()):
         return open_checkpoint(path), path
 
+# %% ../nbs/09_videomae.ipynb #f1c92fae
 def load_videomae(src, model, partial=False, strict=False, load=True) -> dict:
     """Load VideoMAE weights (original `.pth`, Hugging Face `.bin`/`.safetensors`, or a state dict) into a `VideoMAE` or
     `VideoMAEEncoder`. `load=False` only checks (the run configuration does so against a model on the `meta` device)."""
@@ -286,6 +299,7 @@ def load_videomae(src, model, partial=False, strict=False, load=True) -> dict:
     if load: model.load_state_dict({k: state[k] for k in fitting}, strict=False)
     return dict(path=str(path), layout=layout, source=source, fixed=fixed, **report)
 
+# %% ../nbs/09_videomae.ipynb #4f63720e
 def save_videomae(path, model, **extra):
     "Save a `VideoMAE` or its encoder in the original release's layout `{'model': state_dict, **extra}`, atomically."
     return save_torch(path, dict(model=model.state_dict(), **{k: v.state_dict() if hasattr(v, 'state_dict') else v for k, v in extra.items()}))

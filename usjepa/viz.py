@@ -30,6 +30,7 @@ def _np(x):
     if hasattr(x, 'detach'): x = x.detach().cpu().numpy()
     return np.asarray(x)
 
+# %% ../nbs/12_viz.ipynb #8ab5e72f
 def _grey01(frame):
     f = _np(frame).astype(np.float32)
     if f.ndim == 3 and f.shape[0] == 3: f = f.mean(0)          # a (3,H,W) frame: average the channels
@@ -37,6 +38,7 @@ def _grey01(frame):
     if f.max() > 1.0 + 1e-6: f = f / 255.0                     # uint8-range input
     return np.clip(f, 0, 1)
 
+# %% ../nbs/12_viz.ipynb #b84e6ed1
 def overlay(frame, labels=None, alpha=0.4, colors=COLORS) -> np.ndarray:
     "RGB float (H,W,3) in [0,1]: grey `frame` with `labels` (H,W) blended in `colors` (background left grey)."
     g = _grey01(frame)
@@ -58,6 +60,7 @@ def _as_grey_video(video):
     if v.ndim != 3: raise ValueError(f"expected a video (T,H,W) or (3,T,H,W), got shape {v.shape}")
     return v / 255.0 if v.max() > 1.0 + 1e-6 else v               # uint8-range input, as `_grey01`
 
+# %% ../nbs/12_viz.ipynb #142e894d
 def show_frames(video, labels=None, pred=None, frames=None, n=4, alpha=0.4, titles=None, size=2.0) -> plt.Figure:
     "Figure with rows image / label overlay / prediction overlay for `frames` (default: `n` evenly spaced)."
     v = _as_grey_video(video); T = len(v)
@@ -83,14 +86,17 @@ def show_frames(video, labels=None, pred=None, frames=None, n=4, alpha=0.4, titl
 # %% ../nbs/12_viz.ipynb #995b93e5
 def _widgets_ok(): return widgets_live()     # one rule for widgets, shared with the progress bars (`usjepa.core`)
 
+# %% ../nbs/12_viz.ipynb #7599ca3d
 def _is_static(static=None):
     "Draw a static figure? `static` if given, else whenever no widget frontend runs."
     return (not _widgets_ok()) if static is None else bool(static)
 
+# %% ../nbs/12_viz.ipynb #3d184743
 def _static(fig):
     plt.close(fig)          # shown once, as the returned value (an open figure would be drawn twice in a notebook)
     return fig
 
+# %% ../nbs/12_viz.ipynb #567ba4f6
 def _interactive(draw, control):
     "`control` (an ipywidget) above an Output showing the figure `draw(control)`, redrawn on every change or click."
     import ipywidgets as W
@@ -105,6 +111,7 @@ def _interactive(draw, control):
     redraw()
     return W.VBox([control, out])
 
+# %% ../nbs/12_viz.ipynb #87a93de7
 def clip_viewer(video, labels=None, pred=None, alpha=0.4, static=None):
     "Slider over frames (ipywidgets) or, without a widget frontend (or `static=True`), a static figure."
     v = _as_grey_video(video)
@@ -122,11 +129,13 @@ def token_grid(video, tubelet=2, patch=16) -> tuple:
         raise ValueError(f"video (T={T}, H={H}, W={W}) is not a multiple of the tubelet ({tubelet}, {patch}, {patch})")
     return T // tubelet, H // patch, W // patch
 
+# %% ../nbs/12_viz.ipynb #11337394
 def _token_map(idx, grid) -> np.ndarray:
     "Boolean (gt, gh, gw): True at the flat (time-major) token indices `idx`."
     m = np.zeros(int(np.prod(grid)), bool); m[_np(idx)] = True
     return m.reshape(grid)
 
+# %% ../nbs/12_viz.ipynb #28ece654
 def _frame_panels(axs, v, tubelet, patch):
     "The first frame of tubelet step t in panel t, the token grid drawn as thin lines."
     H, W = v.shape[1:]
@@ -147,6 +156,7 @@ def sample_masks(grid, generator=None, ratio=0.9) -> dict:
     return {'V-JEPA short-range (8 blocks)': (c0[0], t0[0]), 'V-JEPA long-range (2 blocks)': (c1[0], t1[0]),
             f'VideoMAE tube ({ratio:.0%})': (vis[0], hid[0])}
 
+# %% ../nbs/12_viz.ipynb #df771794
 def mask_figure(video, masks, tubelet=2, patch=16, size=1.5) -> plt.Figure:
     "A row of frame panels per mask of `masks` (as `sample_masks` gives): context tinted blue, targets orange, ratios at the left."
     v = _as_grey_video(video); grid = token_grid(v, tubelet, patch); n = int(np.prod(grid))
@@ -163,6 +173,7 @@ def mask_figure(video, masks, tubelet=2, patch=16, size=1.5) -> plt.Figure:
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     return fig
 
+# %% ../nbs/12_viz.ipynb #0cf397ba
 def masking_viewer(video, tubelet=2, patch=16, ratio=0.9, seed=0, static=None):
     "`sample_masks` drawn over a clip with a *resample* button (ipywidgets), or one sample as a static figure."
     grid, g = token_grid(video, tubelet, patch), torch.Generator().manual_seed(seed)
@@ -186,6 +197,7 @@ def localization_head(src) -> LocalizationHead:
     head.load_state_dict(state)
     return head.eval()
 
+# %% ../nbs/12_viz.ipynb #8db38b00
 @torch.no_grad()
 def localization_pairs(grid, n_pairs=8, model=None, video=None, head=None, generator=None) -> dict:
     """Pairs drawn as `localization_loss` draws them, as numpy: `first`, `second` (P, 3) cells (t, i, j), `delta` (P, 3)
@@ -208,6 +220,7 @@ def localization_pairs(grid, n_pairs=8, model=None, video=None, head=None, gener
         if head is not None: out['pred'].append(head(preds[g][0, a], preds[g][0, b]).float().cpu())
     return {k: (torch.cat(v).numpy() if v else None) for k, v in out.items()}
 
+# %% ../nbs/12_viz.ipynb #15bb8d48
 def pair_figure(video, pairs, tubelet=2, patch=16, size=1.6) -> plt.Figure:
     "Each pair of `localization_pairs` as an arrow from its second token to its first in (t, i, j); a table of Δ (and predictions)."
     from matplotlib.patches import ConnectionPatch
@@ -240,6 +253,7 @@ def pair_figure(video, pairs, tubelet=2, patch=16, size=1.6) -> plt.Figure:
         if r > 0: cell.get_text().set_color(colours[r - 1])
     return fig
 
+# %% ../nbs/12_viz.ipynb #d5f8341a
 def localization_viewer(video, tubelet=2, patch=16, n_pairs=8, model=None, head=None, seed=0, static=None):
     "`localization_pairs` over a clip, *resample* button (ipywidgets) or static figure; `head`: a module or a checkpoint path."
     grid, g = token_grid(video, tubelet, patch), torch.Generator().manual_seed(seed)
@@ -257,12 +271,14 @@ def frame_dsc(labels, pred, f) -> dict:
     s = frame_scores(_np(pred)[f:f + 1], _np(labels)[f:f + 1], structures=tuple(NAMES))
     return {NAMES[k]: float(s[PAPER_NAMES[k]]['dsc'][0]) for k in NAMES}
 
+# %% ../nbs/12_viz.ipynb #c526de76
 def _outline(ax, frame, lab):
     ax.imshow(frame, cmap='gray', vmin=0, vmax=1); ax.set_xticks([]); ax.set_yticks([])
     for k, labels in _OUTLINES.items():
         m = np.isin(lab, labels)
         if m.any(): ax.contour(m.astype(float), levels=[0.5], colors=[COLORS[k]], linewidths=1.2)
 
+# %% ../nbs/12_viz.ipynb #b7b54022
 def prediction_figure(video, labels, pred, frames, size=2.6) -> plt.Figure:
     "One row per frame of `frames`: reference and predicted outlines side by side, the frame's DSC per class above the prediction."
     v, lab, prd = _as_grey_video(video), _np(labels), _np(pred)
@@ -278,6 +294,7 @@ def prediction_figure(video, labels, pred, frames, size=2.6) -> plt.Figure:
     fig.tight_layout(rect=(0, 0.3 / fig.get_figheight(), 1, 1))
     return fig
 
+# %% ../nbs/12_viz.ipynb #9231a420
 def prediction_viewer(video, labels, pred, n=3, static=None):
     "A frame slider over reference and predicted outlines with the frame's DSC (ipywidgets), or `n` frames as a static figure."
     v = _as_grey_video(video)

@@ -25,6 +25,7 @@ class JEPAOutput(NamedTuple):
     ctx: list = []        # per generator (B, Nc, D) context encoder outputs (what anti-collapse terms regularise)
     ctx_idx: list = []    # per generator (B, Nc) their token indices
 
+# %% ../nbs/07_vjepa.ipynb #4f461c4b
 class VJEPA(nn.Module):
     "Context encoder + predictor + EMA target encoder, trained by predicting target features (L1)."
     def __init__(self, encoder, predictor):
@@ -67,6 +68,7 @@ def _span(total, ipe_scale):
     if not ipe_scale > 0: raise ValueError(f"ipe_scale must be > 0, got {ipe_scale!r}")
     return int(ipe_scale * total)
 
+# %% ../nbs/07_vjepa.ipynb #d79e8d26
 def warmup_cosine(step, total, warmup, start_lr, ref_lr, final_lr, ipe_scale=1.0):
     "Learning rate at `step`: linear `start_lr`→`ref_lr` over `warmup` steps, then cosine to `final_lr` at `int(ipe_scale*total)`."
     if step < warmup:
@@ -74,21 +76,25 @@ def warmup_cosine(step, total, warmup, start_lr, ref_lr, final_lr, ipe_scale=1.0
     progress = min(1., (step - warmup) / max(1, _span(total, ipe_scale) - warmup))
     return final_lr + (ref_lr - final_lr) * 0.5 * (1. + math.cos(math.pi * progress))
 
+# %% ../nbs/07_vjepa.ipynb #9078a45d
 def cosine(step, total, start, end, ipe_scale=1.0):
     "Cosine from `start` (step 0) to `end` (step `int(ipe_scale*total)`, held after)."
     progress = min(1., step / max(1, _span(total, ipe_scale)))
     return end + (start - end) * 0.5 * (1. + math.cos(math.pi * progress))
 
+# %% ../nbs/07_vjepa.ipynb #b167b20c
 def ema_schedule(step, total, start=0.998, end=1.0, ipe_scale=1.0):
     "EMA momentum rising linearly from `start` to `end` over `ipe_scale*total` steps (held after)."
     if not ipe_scale > 0: raise ValueError(f"ipe_scale must be > 0, got {ipe_scale!r}")
     return start + (end - start) * min(1., step / max(1., ipe_scale * total))
 
+# %% ../nbs/07_vjepa.ipynb #c4748a1d
 def half_life_momentum(half_life, total):
     "Constant EMA momentum whose half-life is `half_life` x the run's `total` steps: `0.5 ** (1 / (half_life * total))`."
     if not half_life > 0: raise ValueError(f"half_life must be > 0 (a fraction of the run's steps), got {half_life!r}")
     return 0.5 ** (1. / max(1e-9, half_life * total))
 
+# %% ../nbs/07_vjepa.ipynb #2f6ea3c1
 def schedule_at(itr, total, warmup, *, start_lr, ref_lr, final_lr, wd, final_wd, ema=(0.998, 1.0), ipe_scale=1.0,
                 ema_half_life=0.):
     """lr, weight decay and EMA momentum for 0-based iteration `itr` of a `total`-step run, counted as V-JEPA's code counts them;
@@ -139,6 +145,7 @@ def clip_grads(params, max_norm=None):
         return torch.zeros(())
     return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else math.inf)
 
+# %% ../nbs/07_vjepa.ipynb #8f692b77
 STEP_STATS = ('loss', 'loss_jepa', 'loss_aux', 'loss_std', 'loss_sigreg', 'grad_norm', 'grad_norm_enc', 'grad_norm_pred', 'grad_norm_aux')
 
 def _check_step_args(optimizer, aux, lam, amp_dtype):
@@ -158,6 +165,7 @@ def _check_step_args(optimizer, aux, lam, amp_dtype):
             raise ValueError(f"the optimizer does not hold {len(left_out)} trainable aux parameters "
                              f"(first: {left_out[:3]}); add param_groups(aux, wd) to it")
 
+# %% ../nbs/07_vjepa.ipynb #a68194e4
 def set_schedule(optimizer, lr, wd):
     "The scheduled `lr` on every group, the scheduled `wd` on every group not flagged `wd_exclude`."
     for g in optimizer.param_groups:
@@ -165,6 +173,7 @@ def set_schedule(optimizer, lr, wd):
         if not g.get('wd_exclude', False):
             g['weight_decay'] = wd
 
+# %% ../nbs/07_vjepa.ipynb #743a7602
 def pretrain_step(model, video, masks, optimizer, *, lr, wd, momentum, aux=None, lam=1.0, clip_grad=None, amp_dtype=None,
                   reg_coeff=0., sigreg_coeff=0.):
     """One V-JEPA step (+ optional auxiliary loss module `aux`, + optional anti-collapse terms `reg_coeff`·std hinge of the
