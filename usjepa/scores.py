@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 import numpy as np
 from scipy import stats
+from fastcore.basics import patch
 from .core import atomic_write
 from .metrics import (PAPER_NAMES, METRICS, DISTANCES, PHASES, _as_numpy, _check_spacing, check_label_values,
                             check_structures, frame_confusion, counts_from_confusion, scores_from_counts,
@@ -77,152 +78,182 @@ class SegMetrics:
 
     def __len__(self): return len(self.ids)
 
-    def _phase_of(self, fid, given):
-        mapped = None
-        if isinstance(fid, tuple) and len(fid) == 3 and fid[:2] in self.ed_es:
-            hits = [p for p in PHASES if self.ed_es[fid[:2]].get(p) == fid[2]]
-            mapped = hits[0] if hits else None
-        if given is not None and mapped is not None and given != mapped:
-            raise ValueError(f"frame {fid}: phase {given!r} given but ed_es says {mapped!r}")
-        return given if given is not None else mapped
+# %% ../nbs/11_scores.ipynb #4178716c
+@patch
+def _phase_of(self: SegMetrics, fid, given):
+    mapped = None
+    if isinstance(fid, tuple) and len(fid) == 3 and fid[:2] in self.ed_es:
+        hits = [p for p in PHASES if self.ed_es[fid[:2]].get(p) == fid[2]]
+        mapped = hits[0] if hits else None
+    if given is not None and mapped is not None and given != mapped:
+        raise ValueError(f"frame {fid}: phase {given!r} given but ed_es says {mapped!r}")
+    return given if given is not None else mapped
 
-    def update(self, pred, target, valid=None, ids=None, spacing=None, phase=None):
-        "Add label maps `(B,T,H,W)` (or one clip `(T,H,W)`); `valid` `(B,T)` selects frames; optional spacing and phases."
-        pred, target = check_label_values(pred, 'pred'), check_label_values(target, 'target')
-        if pred.ndim == 3: pred, target = pred[None], target[None]
-        if pred.shape != target.shape or pred.ndim != 4:
-            raise ValueError(f"pred {pred.shape} and target {target.shape} must both be (B,T,H,W)")
-        B, T = pred.shape[:2]
-        keep = np.ones(B * T, bool) if valid is None else _as_numpy(valid).astype(bool).reshape(-1)
-        if keep.size != B * T: raise ValueError(f"valid has {keep.size} entries for {B * T} frames")
-        fids, sps = _frame_ids(ids, B, T, self._seen), _frame_spacing(spacing, B, T)
-        phs = [self._phase_of(i, p) for i, p in zip(fids, _frame_phases(phase, B, T))]
-        conf = frame_confusion(pred, target)[keep]
-        P, G = pred.reshape(B * T, *pred.shape[2:])[keep], target.reshape(B * T, *pred.shape[2:])[keep]
-        fids, sps, phs = ([x for x, k in zip(v, keep) if k] for v in (fids, sps, phs))
-        lv = {}                                               # ED/ES LV cavity masks, for the ejection fraction
-        for i, ph, sp, p, g in zip(fids, phs, sps, P, G):
-            if ph is None or sp is None or not (isinstance(i, tuple) and len(i) == 3): continue
-            key = (i[0], i[1], ph)
-            if key in self.lv or key in lv: raise ValueError(f"{ph} frame of {key[:2]} scored twice (frame id {i})")
-            r, c = np.nonzero((p == 1) | (g == 1))              # keep the box around both cavities only
-            box = np.s_[r.min():r.max() + 1, c.min():c.max() + 1] if r.size else np.s_[0:0, 0:0]
-            lv[key] = dict(pred=p[box] == 1, ref=g[box] == 1, spacing=sp)
-        meas = np.array([s is not None for s in sps], bool)
-        dist = frame_distances(P[meas], G[meas], np.array([s for s in sps if s is not None]).reshape(-1, 2), self.structures)
-        for name, labels in self.structures.items():
-            for k, v in counts_from_confusion(conf, labels).items(): self._counts[name][k].append(v)
-            for k in DISTANCES:
-                v = np.full(len(P), np.nan); v[meas] = dist[name][k]; self._dist[name][k].append(v)
-        self.lv.update(lv); self.ids += fids; self.phase += phs; self.spacing += sps
-        self._seen += B * T
-        return self
+# %% ../nbs/11_scores.ipynb #253d1edf
+def _lv_masks(fids, phases, spacings, pred, target, kept) -> dict:
+    "`{(patient, view, phase): dict(pred, ref, spacing)}` for the frames with an ED/ES phase, a spacing and a full id."
+    lv = {}
+    for i, ph, sp, p, g in zip(fids, phases, spacings, pred, target):
+        if ph is None or sp is None or not (isinstance(i, tuple) and len(i) == 3): continue
+        key = (i[0], i[1], ph)
+        if key in kept or key in lv: raise ValueError(f"{ph} frame of {key[:2]} scored twice (frame id {i})")
+        r, c = np.nonzero((p == 1) | (g == 1))              # keep the box around both cavities only
+        box = np.s_[r.min():r.max() + 1, c.min():c.max() + 1] if r.size else np.s_[0:0, 0:0]
+        lv[key] = dict(pred=p[box] == 1, ref=g[box] == 1, spacing=sp)
+    return lv
 
-    def counts(self, name) -> dict:
-        "Per-frame `tp, fp, fn` arrays of structure `name`."
-        return {k: (np.concatenate(v) if v else np.zeros(0, np.int64)) for k, v in self._counts[name].items()}
+# %% ../nbs/11_scores.ipynb #97f0141c
+@patch
+def update(self: SegMetrics, pred, target, valid=None, ids=None, spacing=None, phase=None):
+    "Add label maps `(B,T,H,W)` (or one clip `(T,H,W)`); `valid` `(B,T)` selects frames; optional spacing and phases."
+    pred, target = check_label_values(pred, 'pred'), check_label_values(target, 'target')
+    if pred.ndim == 3: pred, target = pred[None], target[None]
+    if pred.shape != target.shape or pred.ndim != 4:
+        raise ValueError(f"pred {pred.shape} and target {target.shape} must both be (B,T,H,W)")
+    B, T = pred.shape[:2]
+    keep = np.ones(B * T, bool) if valid is None else _as_numpy(valid).astype(bool).reshape(-1)
+    if keep.size != B * T: raise ValueError(f"valid has {keep.size} entries for {B * T} frames")
+    fids, sps = _frame_ids(ids, B, T, self._seen), _frame_spacing(spacing, B, T)
+    phs = [self._phase_of(i, p) for i, p in zip(fids, _frame_phases(phase, B, T))]
+    conf = frame_confusion(pred, target)[keep]
+    P, G = pred.reshape(B * T, *pred.shape[2:])[keep], target.reshape(B * T, *pred.shape[2:])[keep]
+    fids, sps, phs = ([x for x, k in zip(v, keep) if k] for v in (fids, sps, phs))
+    lv = _lv_masks(fids, phs, sps, P, G, self.lv)
+    meas = np.array([s is not None for s in sps], bool)
+    dist = frame_distances(P[meas], G[meas], np.array([s for s in sps if s is not None]).reshape(-1, 2), self.structures)
+    for name, labels in self.structures.items():
+        for k, v in counts_from_confusion(conf, labels).items(): self._counts[name][k].append(v)
+        for k in DISTANCES:
+            v = np.full(len(P), np.nan); v[meas] = dist[name][k]; self._dist[name][k].append(v)
+    self.lv.update(lv); self.ids += fids; self.phase += phs; self.spacing += sps
+    self._seen += B * T
+    return self
 
-    def distances(self, name) -> dict:
-        "Per-frame `hd, mad` arrays (mm) of structure `name`; NaN where unmeasured (no spacing) or undefined."
-        return {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in self._dist[name].items()}
+# %% ../nbs/11_scores.ipynb #4276f298
+@patch
+def counts(self: SegMetrics, name) -> dict:
+    "Per-frame `tp, fp, fn` arrays of structure `name`."
+    return {k: (np.concatenate(v) if v else np.zeros(0, np.int64)) for k, v in self._counts[name].items()}
 
-    def scores(self) -> dict:
-        "`{name: {metric: per-frame array}}` plus `'<convention>:mean'`: the per-frame overlap average over its structures."
-        out = {c: {**scores_from_counts(**self.counts(c)), **self.distances(c)} for c in self.structures}
-        for mean, names in _conventions(self.structures).items():
-            out[mean] = {m: np.mean([out[c][m] for c in names], axis=0) if len(self) else np.zeros(0) for m in METRICS}
-        return out
+# %% ../nbs/11_scores.ipynb #6839b8d0
+@patch
+def distances(self: SegMetrics, name) -> dict:
+    "Per-frame `hd, mad` arrays (mm) of structure `name`; NaN where unmeasured (no spacing) or undefined."
+    return {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in self._dist[name].items()}
 
-    def _summary(self, sel) -> dict:
-        sc, measured = self.scores(), np.array([s is not None for s in self.spacing], bool)[sel]
-        res = {}
-        for name, v in sc.items():
-            res[name] = {m: dict(mean=float(np.mean(v[m][sel])), std=float(np.std(v[m][sel]))) for m in METRICS}
-            if name in self.structures and measured.any():
-                for m in DISTANCES:
-                    x = v[m][sel][measured]; ok = np.isfinite(x)
-                    res[name][m] = dict(mean=float(x[ok].mean()) if ok.any() else None,
-                                        std=float(x[ok].std()) if ok.any() else None,
-                                        n=int(ok.sum()), n_undefined=int((~ok).sum()))
-        res['n_frames'] = int(sel.sum())
-        return res
+# %% ../nbs/11_scores.ipynb #56232272
+@patch
+def scores(self: SegMetrics) -> dict:
+    "`{name: {metric: per-frame array}}` plus `'<convention>:mean'`: the per-frame overlap average over its structures."
+    out = {c: {**scores_from_counts(**self.counts(c)), **self.distances(c)} for c in self.structures}
+    for mean, names in _conventions(self.structures).items():
+        out[mean] = {m: np.mean([out[c][m] for c in names], axis=0) if len(self) else np.zeros(0) for m in METRICS}
+    return out
 
-    def summary(self) -> dict:
-        "`{structure: {metric: dict(mean, std[, n, n_undefined])}}` over all frames, conventions' means, `n_frames`; `'ED'`/`'ES'`, `'EF'` when available."
-        if not len(self): raise ValueError("SegMetrics is empty: call update() first")
-        res = self._summary(np.ones(len(self), bool))
-        for ph in PHASES:
-            sel = np.array([p == ph for p in self.phase], bool)
-            if sel.any(): res[ph] = self._summary(sel)
-        rows = ef_table(self, strict=False)
-        incomplete = len({k[0] for k in self.lv}) - len(rows) if self.lv else 0    # patients without both views at ED and ES
-        if rows: res['EF'] = ef_summary(rows, n_incomplete=incomplete)
-        return res
+# %% ../nbs/11_scores.ipynb #fe8b21eb
+@patch
+def _summary(self: SegMetrics, sel) -> dict:
+    sc, measured = self.scores(), np.array([s is not None for s in self.spacing], bool)[sel]
+    res = {}
+    for name, v in sc.items():
+        res[name] = {m: dict(mean=float(np.mean(v[m][sel])), std=float(np.std(v[m][sel]))) for m in METRICS}
+        if name in self.structures and measured.any():
+            for m in DISTANCES:
+                x = v[m][sel][measured]; ok = np.isfinite(x)
+                res[name][m] = dict(mean=float(x[ok].mean()) if ok.any() else None,
+                                    std=float(x[ok].std()) if ok.any() else None,
+                                    n=int(ok.sum()), n_undefined=int((~ok).sum()))
+    res['n_frames'] = int(sel.sum())
+    return res
 
-    @property
-    def per_frame(self) -> list:
-        "One row per (frame, structure or mean): id, phase, structure and its scores (distances NaN where missing)."
-        sc = self.scores()
-        return [dict(id=i, phase=self.phase[k], structure=c, **{m: float(v[k]) for m, v in sc[c].items()})
-                for c in sc for k, i in enumerate(self.ids)]
+# %% ../nbs/11_scores.ipynb #59844005
+@patch
+def summary(self: SegMetrics) -> dict:
+    "`{structure: {metric: dict(mean, std[, n, n_undefined])}}` over all frames, conventions' means, `n_frames`; `'ED'`/`'ES'`, `'EF'` when available."
+    if not len(self): raise ValueError("SegMetrics is empty: call update() first")
+    res = self._summary(np.ones(len(self), bool))
+    for ph in PHASES:
+        sel = np.array([p == ph for p in self.phase], bool)
+        if sel.any(): res[ph] = self._summary(sel)
+    rows = ef_table(self, strict=False)
+    incomplete = len({k[0] for k in self.lv}) - len(rows) if self.lv else 0    # patients without both views at ED and ES
+    if rows: res['EF'] = ef_summary(rows, n_incomplete=incomplete)
+    return res
 
-    def to_dict(self) -> dict:
-        "JSON-ready: structures, summary, per-frame ids, phases, spacings, counts, distances, scores; per-patient EF rows."
-        sc = self.scores()
-        return dict(format=2, structures={c: list(l) for c, l in self.structures.items()},
-                    summary=self.summary(), ef=ef_table(self, strict=False),
-                    per_frame=dict(ids=[list(i) if isinstance(i, tuple) else i for i in self.ids],
-                                   phase=list(self.phase),
-                                   spacing=[None if s is None else list(s) for s in self.spacing],
-                                   counts={c: {k: v.tolist() for k, v in self.counts(c).items()} for c in self.structures},
-                                   distances={c: {k: _nan_none(v) for k, v in self.distances(c).items()}
-                                              for c in self.structures},
-                                   scores={c: {m: _nan_none(v) for m, v in sc[c].items()} for c in sc}))
+# %% ../nbs/11_scores.ipynb #ca269c46
+@patch(as_prop=True)
+def per_frame(self: SegMetrics) -> list:
+    "One row per (frame, structure or mean): id, phase, structure and its scores (distances NaN where missing)."
+    sc = self.scores()
+    return [dict(id=i, phase=self.phase[k], structure=c, **{m: float(v[k]) for m, v in sc[c].items()})
+            for c in sc for k, i in enumerate(self.ids)]
 
-    def to_json(self, path, overwrite=False) -> Path:
-        "Write `to_dict()` to `path` (atomic, strict JSON: undefined distances are null); refuses to replace a file unless `overwrite`."
-        path = Path(path)
-        if path.exists() and not overwrite: raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(path) as tmp: tmp.write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False))
-        return path
+# %% ../nbs/11_scores.ipynb #8088dd0c
+@patch
+def to_dict(self: SegMetrics) -> dict:
+    "JSON-ready: structures, summary, per-frame ids, phases, spacings, counts, distances, scores; per-patient EF rows."
+    sc = self.scores()
+    return dict(format=2, structures={c: list(l) for c, l in self.structures.items()},
+                summary=self.summary(), ef=ef_table(self, strict=False),
+                per_frame=dict(ids=[list(i) if isinstance(i, tuple) else i for i in self.ids],
+                               phase=list(self.phase),
+                               spacing=[None if s is None else list(s) for s in self.spacing],
+                               counts={c: {k: v.tolist() for k, v in self.counts(c).items()} for c in self.structures},
+                               distances={c: {k: _nan_none(v) for k, v in self.distances(c).items()}
+                                          for c in self.structures},
+                               scores={c: {m: _nan_none(v) for m, v in sc[c].items()} for c in sc}))
 
-    @classmethod
-    def from_dict(cls, d):
-        "Rebuild from `to_dict()` output, or from a file of the older per-class format (its labels become `paper:` structures)."
-        pf = d['per_frame']
-        if 'structures' in d: structures, keys = d['structures'], {c: c for c in d['structures']}
-        else:                                                     # format 1: {'1': 'LV endo', ...}, counts by label
-            structures, keys = {}, {}
-            for k, v in d['classes'].items():
-                name = PAPER_NAMES.get(int(k), f"paper:{v}")
-                structures[name], keys[name] = (int(k),), k
-        m = cls(structures)
-        m.ids = [tuple(i) if isinstance(i, list) else i for i in pf['ids']]
-        n = len(m.ids)
-        m.phase = list(pf.get('phase', [None] * n))
-        m.spacing = [None if s is None else tuple(s) for s in pf.get('spacing', [None] * n)]
-        for c in m.structures:
-            for k in ('tp', 'fp', 'fn'): m._counts[c][k] = [np.asarray(pf['counts'][keys[c]][k], np.int64)]
-            dist = pf.get('distances', {}).get(c, {})
-            for k in DISTANCES:
-                m._dist[c][k] = [np.array([np.nan if x is None else x for x in dist.get(k, [None] * n)], np.float64)]
-        m._seen = 1 + max([i[1] for i in m.ids if isinstance(i, tuple) and len(i) == 2 and i[0] == 'frame'], default=n - 1)
-        m._ef_rows = d.get('ef') or None
-        return m
+# %% ../nbs/11_scores.ipynb #a1d1bce3
+@patch
+def to_json(self: SegMetrics, path, overwrite=False) -> Path:
+    "Write `to_dict()` to `path` (atomic, strict JSON: undefined distances are null); refuses to replace a file unless `overwrite`."
+    path = Path(path)
+    if path.exists() and not overwrite: raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as tmp: tmp.write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False))
+    return path
 
-    @classmethod
-    def from_json(cls, path):
-        path = Path(path)
-        if path.is_dir(): path = path / 'metrics.json'
-        if not path.is_file(): raise FileNotFoundError(f"metrics file not found: {path}")
-        return cls.from_dict(json.loads(path.read_text()))
+# %% ../nbs/11_scores.ipynb #71d49599
+@patch(cls_method=True)
+def from_dict(cls: SegMetrics, d):
+    "Rebuild from `to_dict()` output, or from a file of the older per-class format (its labels become `paper:` structures)."
+    pf = d['per_frame']
+    if 'structures' in d: structures, keys = d['structures'], {c: c for c in d['structures']}
+    else:                                                     # format 1: {'1': 'LV endo', ...}, counts by label
+        structures, keys = {}, {}
+        for k, v in d['classes'].items():
+            name = PAPER_NAMES.get(int(k), f"paper:{v}")
+            structures[name], keys[name] = (int(k),), k
+    m = cls(structures)
+    m.ids = [tuple(i) if isinstance(i, list) else i for i in pf['ids']]
+    n = len(m.ids)
+    m.phase = list(pf.get('phase', [None] * n))
+    m.spacing = [None if s is None else tuple(s) for s in pf.get('spacing', [None] * n)]
+    for c in m.structures:
+        for k in ('tp', 'fp', 'fn'): m._counts[c][k] = [np.asarray(pf['counts'][keys[c]][k], np.int64)]
+        dist = pf.get('distances', {}).get(c, {})
+        for k in DISTANCES:
+            m._dist[c][k] = [np.array([np.nan if x is None else x for x in dist.get(k, [None] * n)], np.float64)]
+    m._seen = 1 + max([i[1] for i in m.ids if isinstance(i, tuple) and len(i) == 2 and i[0] == 'frame'], default=n - 1)
+    m._ef_rows = d.get('ef') or None
+    return m
 
-    def __repr__(self):
-        if not len(self): return "SegMetrics(empty)"
-        sc = self.scores()
-        means = ', '.join(f"{k} DSC {np.mean(sc[k]['dsc']):.3f}" for k in _conventions(self.structures))
-        return f"SegMetrics({len(self)} frames, {means})"
+# %% ../nbs/11_scores.ipynb #a90edf89
+@patch(cls_method=True)
+def from_json(cls: SegMetrics, path):
+    "Read a `metrics.json` file (or the one in a run folder)."
+    path = Path(path)
+    if path.is_dir(): path = path / 'metrics.json'
+    if not path.is_file(): raise FileNotFoundError(f"metrics file not found: {path}")
+    return cls.from_dict(json.loads(path.read_text()))
+
+# %% ../nbs/11_scores.ipynb #3ead3c02
+@patch
+def __repr__(self: SegMetrics):
+    if not len(self): return "SegMetrics(empty)"
+    sc = self.scores()
+    means = ', '.join(f"{k} DSC {np.mean(sc[k]['dsc']):.3f}" for k in _conventions(self.structures))
+    return f"SegMetrics({len(self)} frames, {means})"
 
 # %% ../nbs/11_scores.ipynb #e9d684d3
 def load_metrics(src) -> SegMetrics:
