@@ -8,6 +8,7 @@ __all__ = ['VJEPA_MASKS', 'check_grid', 'MultiBlockMask3D', 'vjepa_masks', 'chec
 # %% ../nbs/04_masking.ipynb #e067986b
 import math
 import torch
+from fastcore.basics import patch
 
 # %% ../nbs/04_masking.ipynb #5615bf21
 def check_grid(grid):
@@ -59,63 +60,73 @@ class MultiBlockMask3D:
         return (f"MultiBlockMask3D(grid={self.grid}, spatial_scale={self.spatial_scale}, temporal_scale={self.temporal_scale}, "
                 f"aspect_ratio={self.aspect_ratio}, num_blocks={self.num_blocks})")
 
-    def block_size(self, temporal, spatial, ar):
-        "Block size (t, h, w) in tokens for a temporal fraction, a spatial fraction and an aspect ratio."
-        gt, gh, gw = self.grid
-        t = max(1, int(gt * temporal))
-        keep = int(gh * gw * spatial)
-        h = min(gh, max(1, int(round(math.sqrt(keep * ar)))))
-        w = min(gw, max(1, int(round(math.sqrt(keep / ar)))))
-        return t, h, w
+# %% ../nbs/04_masking.ipynb #b8a7a3aa
+@patch
+def block_size(self: MultiBlockMask3D, temporal, spatial, ar):
+    "Block size (t, h, w) in tokens for a temporal fraction, a spatial fraction and an aspect ratio."
+    gt, gh, gw = self.grid
+    t = max(1, int(gt * temporal))
+    keep = int(gh * gw * spatial)
+    h = min(gh, max(1, int(round(math.sqrt(keep * ar)))))
+    w = min(gw, max(1, int(round(math.sqrt(keep / ar)))))
+    return t, h, w
 
-    def sample_block_size(self, generator=None):
-        "Draw one block size (t, h, w) in tokens; V-JEPA draws it once per batch."
-        temporal = _uniform(*self.temporal_scale, generator)
-        spatial = _uniform(*self.spatial_scale, generator)
-        ar = _uniform(*self.aspect_ratio, generator)
-        return self.block_size(temporal, spatial, ar)
+# %% ../nbs/04_masking.ipynb #65a859cd
+@patch
+def sample_block_size(self: MultiBlockMask3D, generator=None):
+    "Draw one block size (t, h, w) in tokens; V-JEPA draws it once per batch."
+    temporal = _uniform(*self.temporal_scale, generator)
+    spatial = _uniform(*self.spatial_scale, generator)
+    ar = _uniform(*self.aspect_ratio, generator)
+    return self.block_size(temporal, spatial, ar)
 
-    def can_leave_context(self):
-        "False when every block this generator can draw already hides the whole grid (exact, no sampling)."
-        # t and the area grow with the scales; h grows and w shrinks with the aspect ratio: the two
-        # smallest-scale corners bound every block this generator can draw
-        smallest = [self.block_size(self.temporal_scale[0], self.spatial_scale[0], ar) for ar in self.aspect_ratio]
-        return any(size != self.grid for size in smallest)
+# %% ../nbs/04_masking.ipynb #908b5557
+@patch
+def can_leave_context(self: MultiBlockMask3D):
+    "False when every block this generator can draw already hides the whole grid (exact, no sampling)."
+    # t and the area grow with the scales; h grows and w shrinks with the aspect ratio: the two
+    # smallest-scale corners bound every block this generator can draw
+    smallest = [self.block_size(self.temporal_scale[0], self.spatial_scale[0], ar) for ar in self.aspect_ratio]
+    return any(size != self.grid for size in smallest)
 
-    def sample_target(self, size, generator=None):
-        "Boolean (gt, gh, gw) map, True where one of `num_blocks` blocks of `size` hides the token."
-        gt, gh, gw = self.grid
-        t, h, w = size
-        hidden = torch.zeros(self.grid, dtype=torch.bool)
-        for _ in range(self.num_blocks):
-            t0, i0, j0 = (int(torch.randint(0, n - s + 1, (1,), generator=generator)) for n, s in ((gt, t), (gh, h), (gw, w)))
-            hidden[t0:t0 + t, i0:i0 + h, j0:j0 + w] = True
-        n_ctx_frames = max(1, int(gt * self.max_temporal_keep))
-        hidden[n_ctx_frames:] = True  # context may only come from the first frames
-        return hidden
+# %% ../nbs/04_masking.ipynb #2354f39e
+@patch
+def sample_target(self: MultiBlockMask3D, size, generator=None):
+    "Boolean (gt, gh, gw) map, True where one of `num_blocks` blocks of `size` hides the token."
+    gt, gh, gw = self.grid
+    t, h, w = size
+    hidden = torch.zeros(self.grid, dtype=torch.bool)
+    for _ in range(self.num_blocks):
+        t0, i0, j0 = (int(torch.randint(0, n - s + 1, (1,), generator=generator)) for n, s in ((gt, t), (gh, h), (gw, w)))
+        hidden[t0:t0 + t, i0:i0 + h, j0:j0 + w] = True
+    n_ctx_frames = max(1, int(gt * self.max_temporal_keep))
+    hidden[n_ctx_frames:] = True  # context may only come from the first frames
+    return hidden
 
-    def __call__(self, batch_size, generator=None):
-        "Masks for a batch: `(ctx_idx (B, Nc), tgt_idx (B, Nt))`, int64, sorted, cut to equal lengths."
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
-        if not self.can_leave_context():
-            raise ValueError(f"grid {self.grid} is too small for {self!r}: every block it can draw hides the whole grid")
-        size = self.sample_block_size(generator)
-        ctx, tgt = [], []
-        for _ in range(int(batch_size)):
-            for _ in range(self.max_tries):          # resample in the (rare) case that nothing is left visible
-                hidden = self.sample_target(size, generator).flatten()
-                if not hidden.all():
-                    break
-            else:
-                raise ValueError(f"grid {self.grid} is too small for {self!r}: {self.max_tries} draws of "
-                                 f"{self.num_blocks} blocks of size {size} all hid every token")
-            ctx.append(torch.nonzero(~hidden).squeeze(1))
-            tgt.append(torch.nonzero(hidden).squeeze(1))
-        n_ctx, n_tgt = min(len(c) for c in ctx), min(len(t) for t in tgt)
-        if self.max_keep is not None:
-            n_ctx = min(n_ctx, int(self.max_keep))
-        return torch.stack([c[:n_ctx] for c in ctx]), torch.stack([t[:n_tgt] for t in tgt])
+# %% ../nbs/04_masking.ipynb #d792ea5e
+@patch
+def __call__(self: MultiBlockMask3D, batch_size, generator=None):
+    "Masks for a batch: `(ctx_idx (B, Nc), tgt_idx (B, Nt))`, int64, sorted, cut to equal lengths."
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    if not self.can_leave_context():
+        raise ValueError(f"grid {self.grid} is too small for {self!r}: every block it can draw hides the whole grid")
+    size = self.sample_block_size(generator)
+    ctx, tgt = [], []
+    for _ in range(int(batch_size)):
+        for _ in range(self.max_tries):          # resample in the (rare) case that nothing is left visible
+            hidden = self.sample_target(size, generator).flatten()
+            if not hidden.all():
+                break
+        else:
+            raise ValueError(f"grid {self.grid} is too small for {self!r}: {self.max_tries} draws of "
+                             f"{self.num_blocks} blocks of size {size} all hid every token")
+        ctx.append(torch.nonzero(~hidden).squeeze(1))
+        tgt.append(torch.nonzero(hidden).squeeze(1))
+    n_ctx, n_tgt = min(len(c) for c in ctx), min(len(t) for t in tgt)
+    if self.max_keep is not None:
+        n_ctx = min(n_ctx, int(self.max_keep))
+    return torch.stack([c[:n_ctx] for c in ctx]), torch.stack([t[:n_tgt] for t in tgt])
 
 # %% ../nbs/04_masking.ipynb #740a5ebe
 VJEPA_MASKS = (
