@@ -87,6 +87,67 @@ def _size(size):
         raise ValueError(f"size must be an int (square images) or a pair (H, W) of ints; got {size!r}") from None
 
 # %% ../nbs/02_phantom.ipynb #426dcdb2
+def _translation(vp, P, n_frames, H):
+    "Whole-heart shift per frame (respiration, probe motion): a smooth path of amplitude `translation_mm`, 0 at the first frame."
+    t = np.linspace(0, 1, n_frames)[:, None]
+    amp = P.translation_mm * H / vp['depth_mm'] / 2
+    shift = amp * (vp['trans'][:, 0] * np.sin(np.pi * t + vp['trans_ph'][:, 0]) + vp['trans'][:, 1] * np.sin(2.3 * np.pi * t + vp['trans_ph'][:, 1]))
+    return shift - shift[0]
+
+# %% ../nbs/02_phantom.ipynb #39862d37
+def _dropout(rng, vp, P, n_frames, view):
+    "Which wall segments drop out in each frame `(F, segments)` (a two-state chain over the frames; the lateral wall more often), and how deep."
+    side = np.sign(WALL_SEGMENTS) * (1 if view == '4CH' else rng.choice([-1, 1]))
+    p_on = np.clip(vp['drop'] * np.where(side > 0, 1.5, 0.6), 0, 0.95)
+    depth = rng.uniform(*P.dropout_depth, len(WALL_SEGMENTS))
+    on = np.zeros((n_frames, len(WALL_SEGMENTS)), bool); on[0] = rng.random(len(WALL_SEGMENTS)) < p_on
+    for f in range(1, n_frames):                                      # keeps its state with probability 0.2: intermittent
+        on[f] = np.where(rng.random(len(WALL_SEGMENTS)) < 0.2, on[f - 1], rng.random(len(WALL_SEGMENTS)) < p_on)
+    return on, depth
+
+# %% ../nbs/02_phantom.ipynb #892bb1ba
+def _shadow(rng, vp, r, th, H):
+    "Multiplicative acoustic shadow of a rib: a wedge at a random angle, starting at a random depth."
+    th0 = rng.uniform(-0.8, 0.8) * vp['half_angle']; wid = np.deg2rad(rng.uniform(3, 7))
+    r0 = rng.uniform(0.1, 0.35) * H; depth_f = rng.uniform(0.15, 0.45)
+    wedge = np.clip(1 - np.abs(th - th0) / wid, 0, 1) ** 0.5 * np.clip((r - r0) / (0.05 * H), 0, 1)
+    return 1 - (1 - depth_f) * wedge
+
+# %% ../nbs/02_phantom.ipynb #959c6d94
+def _near_field_clutter(rng, vp, r, r_apex, H, W, sc):
+    "Apical near-field clutter: static (fixed to the probe), over the apex and the top of the cavity."
+    near = np.exp(-(np.clip(r - 0.04 * H, 0, None) / (r_apex + 0.12 * H)) ** 2 * 2)
+    clut = np.clip(smooth_noise(rng, (H, W), 2.5 * sc) + 0.3, 0, None) * np.clip(smooth_noise(rng, (H, W), 12 * sc) + 1, 0, None)
+    return vp['clutter'] * vp['tissue'] * near * clut
+
+# %% ../nbs/02_phantom.ipynb #f6ee2481
+def _reverb_ghost(E0, r, th, r_apex, ox, oy, H):
+    "Reverberation: the bright near field of `E0` repeated one apex distance deeper (in polar coordinates)."
+    E0 = E0 * (r < r_apex + 0.06 * H)
+    rr = r - r_apex
+    gx, gy = ox + rr * np.sin(th), oy + rr * np.cos(th)
+    return ndimage.map_coordinates(E0, [gy, gx], order=1, mode='constant') * (rr > 0)
+
+# %% ../nbs/02_phantom.ipynb #b1763abe
+def _log_compress(A, vp):
+    "Log compression of the echo amplitude `A` into [0, 1]: dB, the dynamic range, then a display gamma."
+    db = 20 * np.log10(A * vp['gain'] + 1e-6)
+    return np.clip((db + vp['dyn_range']) / vp['dyn_range'], 0, 1) ** vp['gamma']
+
+# %% ../nbs/02_phantom.ipynb #55785ca3
+def _sequence_info(pp, vp, n_frames, H, ox, oy, dropout):
+    "The sequence's `Info_<view>.cfg` fields (ED, ES, NbFrame, …) plus its geometry and artefact levels."
+    ed, es = (n_frames, 1) if vp['reverse'] else (1, n_frames)
+    spacing = vp['depth_mm'] / H
+    return dict(ED=ed, ES=es, NbFrame=n_frames, Sex=pp['sex'], Age=pp['age'], ImageQuality=vp['quality'],
+                EF=round(100 * pp['ef'], 1), FrameRate=vp['frame_rate'],
+                spacing=(spacing, spacing), fan=dict(origin=(oy, ox), half_angle=float(vp['half_angle']), depth=float(vp['depth'])),
+                quality_score=round(vp['score'], 3),
+                artefacts=dict(myo_contrast=vp['myo_c'], blood=vp['blood_c'], clutter=vp['clutter'], reverb=vp['reverb'],
+                               noise=vp['noise'], dropout=float(dropout), shadow=bool(vp['shadow']), la_cut=vp['la_cut'],
+                               hypokinesis=bool(pp['hypo'])))
+
+# %% ../nbs/02_phantom.ipynb #32bb9944
 def make_sequence(seed, view='4CH', n_frames=None, size=(256, 256), params: PhantomParams | None = None):
     """One synthetic apical half sequence: dict(video uint8 (F,H,W), labels uint8 (F,H,W), info dict).
     `size` is an int (square) or (H, W); `params` (a `PhantomParams`) sets the realism knobs."""
@@ -105,19 +166,8 @@ def make_sequence(seed, view='4CH', n_frames=None, size=(256, 256), params: Phan
     for _ in range(6):                                                # a heart too big for the fan: image deeper
         if _fit_in_fan(pp, vp, X, Y, view, ox, oy, pad=P.translation_mm * H / vp['depth_mm']): break
         vp.update(pose); vp['depth_mm'] *= 1.12
-    # whole-heart translation (respiration, probe motion): a smooth path of amplitude translation_mm
-    t = np.linspace(0, 1, F)[:, None]
-    amp = P.translation_mm * H / vp['depth_mm'] / 2
-    shift = amp * (vp['trans'][:, 0] * np.sin(np.pi * t + vp['trans_ph'][:, 0]) + vp['trans'][:, 1] * np.sin(2.3 * np.pi * t + vp['trans_ph'][:, 1]))
-    shift -= shift[0]
-    # intermittent dropout: per wall segment a two-state chain over the frames; the lateral wall drops out more
-    side = np.sign(WALL_SEGMENTS) * (1 if view == '4CH' else rng.choice([-1, 1]))
-    p_on = np.clip(vp['drop'] * np.where(side > 0, 1.5, 0.6), 0, 0.95)
-    depth_d = rng.uniform(*P.dropout_depth, len(WALL_SEGMENTS))
-    on = np.zeros((F, len(WALL_SEGMENTS)), bool); on[0] = rng.random(len(WALL_SEGMENTS)) < p_on
-    for f in range(1, F):                                             # keeps its state with probability 0.2: intermittent
-        on[f] = np.where(rng.random(len(WALL_SEGMENTS)) < 0.2, on[f - 1], rng.random(len(WALL_SEGMENTS)) < p_on)
-    drops = on * depth_d
+    shift, (on, depth) = _translation(vp, P, F, H), _dropout(rng, vp, P, F, view)
+    drops = on * depth
     labels = np.empty((F, H, W), np.uint8); E = np.empty((F, H, W), np.float32); blood = np.empty((F, H, W), bool)
     coords = []
     for f in range(F):
@@ -127,41 +177,16 @@ def make_sequence(seed, view='4CH', n_frames=None, size=(256, 256), params: Phan
     sector = (np.abs(th) < vp['half_angle']) & (r < vp['depth']) & (r > 0.04 * H)
     labels[:, ~sector] = 0
     E = ndimage.gaussian_filter(E, (0, 1.6 * sc, 1.2 * sc))                   # finite resolution
-    if vp['shadow']:                                                  # acoustic shadow (a rib)
-        th0 = rng.uniform(-0.8, 0.8) * vp['half_angle']; wid = np.deg2rad(rng.uniform(3, 7))
-        r0 = rng.uniform(0.1, 0.35) * H; depth_f = rng.uniform(0.15, 0.45)
-        wedge = np.clip(1 - np.abs(th - th0) / wid, 0, 1) ** 0.5 * np.clip((r - r0) / (0.05 * H), 0, 1)
-        E *= (1 - (1 - depth_f) * wedge)[None]
-    # apical near-field clutter: static (fixed to the probe), over the apex and the top of the cavity
+    if vp['shadow']: E *= _shadow(rng, vp, r, th, H)[None]
     r_apex = np.hypot(vp['apex_x'] - ox, vp['apex_y'] - oy)
-    near = np.exp(-(np.clip(r - 0.04 * H, 0, None) / (r_apex + 0.12 * H)) ** 2 * 2)
-    clut = np.clip(smooth_noise(rng, (H, W), 2.5 * sc) + 0.3, 0, None) * np.clip(smooth_noise(rng, (H, W), 12 * sc) + 1, 0, None)
-    E += (vp['clutter'] * vp['tissue'] * near * clut)[None]
-    # reverberation ghost: the bright near field repeated one apex distance deeper (in polar coordinates)
-    if vp['reverb'] > 0:
-        E0 = E[0] * (r < r_apex + 0.06 * H)
-        rr = r - r_apex
-        gx, gy = ox + rr * np.sin(th), oy + rr * np.cos(th)
-        ghost = ndimage.map_coordinates(E0, [gy, gx], order=1, mode='constant') * (rr > 0)
-        E += (vp['reverb'] * ghost)[None]
+    E += _near_field_clutter(rng, vp, r, r_apex, H, W, sc)[None]
+    if vp['reverb'] > 0: E += (vp['reverb'] * _reverb_ghost(E[0], r, th, r_apex, ox, oy, H))[None]
     A = E * _speckle(rng, coords, blood, (0.9 * sc, 2.2 * sc), vp['speckle_rho'])
     A *= (np.exp(-vp['atten'] * r / H) * (1 + vp['tgc'] * r / H))[None]
     A += vp['noise'] * np.abs(rng.standard_normal((F, H, W)))           # electronic noise floor
-    # log compression
-    db = 20 * np.log10(A * vp['gain'] + 1e-6)
-    img = np.clip((db + vp['dyn_range']) / vp['dyn_range'], 0, 1) ** vp['gamma']
     edge = np.clip((vp['half_angle'] - np.abs(th)) / 0.02, 0, 1) * np.clip((vp['depth'] - r) / 2, 0, 1) * (r > 0.04 * H)
-    video = np.round(img * edge[None] * 255).astype(np.uint8)
-    ed, es = (F, 1) if vp['reverse'] else (1, F)
-    spacing = vp['depth_mm'] / H
-    info = dict(ED=ed, ES=es, NbFrame=F, Sex=pp['sex'], Age=pp['age'], ImageQuality=vp['quality'],
-                EF=round(100 * pp['ef'], 1), FrameRate=vp['frame_rate'],
-                spacing=(spacing, spacing), fan=dict(origin=(oy, ox), half_angle=float(vp['half_angle']), depth=float(vp['depth'])),
-                quality_score=round(vp['score'], 3),
-                artefacts=dict(myo_contrast=vp['myo_c'], blood=vp['blood_c'], clutter=vp['clutter'], reverb=vp['reverb'],
-                               noise=vp['noise'], dropout=float(on.mean()), shadow=bool(vp['shadow']), la_cut=vp['la_cut'],
-                               hypokinesis=bool(pp['hypo'])))
-    return dict(video=video, labels=labels, info=info)
+    video = np.round(_log_compress(A, vp) * edge[None] * 255).astype(np.uint8)
+    return dict(video=video, labels=labels, info=_sequence_info(pp, vp, F, H, ox, oy, on.mean()))
 
 # %% ../nbs/02_phantom.ipynb #43973c1a
 def _save_nifti(path, arr_fhw, spacing):
