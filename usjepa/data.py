@@ -10,13 +10,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
+from fastcore.basics import patch
 from .core import atomic_write
 
 # %% auto #0
 __all__ = ['CLASSES', 'VIEWS', 'MEAN', 'STD', 'SPLIT_FILES', 'MAX_FIELD_MM', 'AUG_SCALE', 'AUG_RATIO', 'find_camus_root',
            'parse_cfg', 'check_labels', 'check_info', 'sequence_files', 'read_sequence', 'check_splits', 'camus_split',
            'label_fraction_patients', 'clip_indices', 'max_clip_start', 'first_occurrence', 'eval_clips', 'normalise',
-           'denormalise', 'augment_clip', 'CamusClips']
+           'denormalise', 'augment_clip', 'nifti_frame_count', 'CamusClips']
 
 # %% ../nbs/03_data.ipynb #cf167b72
 CLASSES = {1: 'LV endo', 2: 'myocardium', 3: 'LA'}
@@ -316,6 +317,29 @@ def _stamp(paths):
     return np.array([v for p in paths for v in (p.stat().st_size, p.stat().st_mtime_ns)], np.int64)
 
 # %% ../nbs/03_data.ipynb #5d0af72e
+def nifti_frame_count(path) -> int:
+    "Frame count from the NIfTI header alone (cheap; a broken header fails here, early)."
+    import nibabel as nib
+    try: shape = nib.load(str(path)).shape
+    except Exception as e: raise ValueError(f"{path}: cannot read NIfTI header ({type(e).__name__}: {e})") from e
+    return int(shape[2]) if len(shape) >= 3 else 1
+
+# %% ../nbs/03_data.ipynb #08dba8ba
+def _readable_sequences(root, patients, views, split) -> list:
+    "dict(patient, view, files, n_frames) of every (patient, view) with all its files; warns about the others."
+    sequences, skipped = [], []
+    for pid in patients:
+        for v in views:
+            files = sequence_files(root / 'database_nifti' / pid, v)
+            miss = [f for f in files.values() if not f.exists()]
+            if miss: skipped.append(miss[0]); continue
+            sequences.append(dict(patient=pid, view=v, files=files, n_frames=nifti_frame_count(files['video'])))
+    if skipped:
+        warnings.warn(f"skipped {len(skipped)} of {len(patients) * len(views)} sequences with missing files (first: {skipped[0]})")
+    if not sequences: raise FileNotFoundError(f"{root}: no readable {views} sequences in split {split!r}")
+    return sequences
+
+# %% ../nbs/03_data.ipynb #c74d7537
 class CamusClips(Dataset):
     "CAMUS (or phantom) clips: items dict(video (3,T,S,S) float32, labels (T,S,S) int64, valid, frame_idx, patient, view)."
     def __init__(self, root, split='train', views=VIEWS, img_size=224, num_frames=16, frame_step=4,
@@ -333,65 +357,55 @@ class CamusClips(Dataset):
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         pts = camus_split(self.root, split, seed) if patients is None else sorted(patients)
         self.patients = label_fraction_patients(pts, label_fraction, seed) if label_fraction < 1 else pts
-        self.sequences, skipped = [], []
-        for pid in self.patients:
-            for v in views:
-                files = sequence_files(self.root / 'database_nifti' / pid, v)
-                miss = [f for f in files.values() if not f.exists()]
-                if miss: skipped.append(miss[0]); continue
-                self.sequences.append(dict(patient=pid, view=v, files=files, n_frames=self._n_frames(files['video'])))
-        n_all = len(self.patients) * len(views)
-        if skipped:
-            warnings.warn(f"skipped {len(skipped)} of {n_all} sequences with missing files (first: {skipped[0]})")
-        if not self.sequences: raise FileNotFoundError(f"{self.root}: no readable {views} sequences in split {split!r}")
-        if mode == 'eval':
+        self.sequences = _readable_sequences(self.root, self.patients, views, split)
+        if mode == 'eval':                                        # every frame, in fixed clips
             self.items = [(s, idx, valid) for s, q in enumerate(self.sequences)
                           for idx, valid in eval_clips(q['n_frames'], self.num_frames, self.frame_step)]
-        else: self.items = [(s, None, None) for s in range(len(self.sequences))]
+        else: self.items = [(s, None, None) for s in range(len(self.sequences))]   # one random clip per sequence
         self._mem = {}
-
-    @staticmethod
-    def _n_frames(path):
-        "Frame count from the NIfTI header alone (cheap; a broken header fails here, early)."
-        import nibabel as nib
-        try: shape = nib.load(str(path)).shape
-        except Exception as e: raise ValueError(f"{path}: cannot read NIfTI header ({type(e).__name__}: {e})") from e
-        return int(shape[2]) if len(shape) >= 3 else 1
 
     def __len__(self): return len(self.items)
 
-    def arrays(self, s):
-        "Decoded, resized uint8 (video, labels) of sequence `s`, from the memory or disk cache when possible."
-        if s in self._mem: return self._mem[s]
-        q = self.sequences[s]; srcs = [q['files']['video'], q['files']['labels']]
-        cp = None if self.cache_dir is None else self.cache_dir / f"{q['patient']}_{q['view']}_{self.img_size}.npz"
-        out = None
-        if cp is not None and cp.exists():
-            try:
-                with np.load(cp) as z:
-                    if np.array_equal(z['stamp'], _stamp(srcs)): out = (z['video'], z['labels'])
-            except Exception: out = None                                # unreadable cache: rebuild it
-        if out is None:
-            seq = read_sequence(q['files']['video'].parent, q['view'])
-            out = (_resize(seq['video'], self.img_size), _resize(seq['labels'], self.img_size, labels=True))
-            if cp is not None:
-                cp.parent.mkdir(parents=True, exist_ok=True)
-                with atomic_write(cp) as tmpf: np.savez(tmpf, video=out[0], labels=out[1], stamp=_stamp(srcs))
-        if len(out[0]) != q['n_frames']: raise ValueError(f"{srcs[0]}: frame count changed while reading")
-        if self.cache: self._mem[s] = out
-        return out
+# %% ../nbs/03_data.ipynb #31c373e1
+def _read_cache(path, srcs):
+    "The cached (video, labels) at `path` if it exists, is readable and matches the stamp of `srcs`; else None."
+    if path is None or not path.exists(): return None
+    try:
+        with np.load(path) as z:
+            if np.array_equal(z['stamp'], _stamp(srcs)): return z['video'], z['labels']
+    except Exception: return None                                 # unreadable cache: rebuild it
 
-    def __getitem__(self, i):
-        s, idx, valid = self.items[i]
-        q = self.sequences[s]
-        video, labels = self.arrays(s)
-        if idx is None:
-            start = int(torch.randint(0, max_clip_start(q['n_frames'], self.num_frames, self.frame_step) + 1, ()))
-            idx = clip_indices(q['n_frames'], self.num_frames, self.frame_step, start)
-            valid = first_occurrence(idx)
-        frames, labs = torch.from_numpy(video[idx]), torch.from_numpy(labels[idx])
-        if self.augment:
-            frames, labs, _ = augment_clip(frames, labs, self.img_size)
-        return dict(video=normalise(frames), labels=labs.long(),
-                    valid=torch.from_numpy(np.asarray(valid, bool)), frame_idx=torch.from_numpy(idx),
-                    patient=q['patient'], view=q['view'])
+# %% ../nbs/03_data.ipynb #6b1cab11
+@patch
+def arrays(self: CamusClips, s):
+    "Decoded, resized uint8 (video, labels) of sequence `s`, from the memory or disk cache when possible."
+    if s in self._mem: return self._mem[s]
+    q = self.sequences[s]; srcs = [q['files']['video'], q['files']['labels']]
+    cp = None if self.cache_dir is None else self.cache_dir / f"{q['patient']}_{q['view']}_{self.img_size}.npz"
+    out = _read_cache(cp, srcs)
+    if out is None:
+        seq = read_sequence(q['files']['video'].parent, q['view'])
+        out = (_resize(seq['video'], self.img_size), _resize(seq['labels'], self.img_size, labels=True))
+        if cp is not None:
+            cp.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_write(cp) as tmpf: np.savez(tmpf, video=out[0], labels=out[1], stamp=_stamp(srcs))
+    if len(out[0]) != q['n_frames']: raise ValueError(f"{srcs[0]}: frame count changed while reading")
+    if self.cache: self._mem[s] = out
+    return out
+
+# %% ../nbs/03_data.ipynb #01a14812
+@patch
+def __getitem__(self: CamusClips, i):
+    s, idx, valid = self.items[i]
+    q = self.sequences[s]
+    video, labels = self.arrays(s)
+    if idx is None:
+        start = int(torch.randint(0, max_clip_start(q['n_frames'], self.num_frames, self.frame_step) + 1, ()))
+        idx = clip_indices(q['n_frames'], self.num_frames, self.frame_step, start)
+        valid = first_occurrence(idx)
+    frames, labs = torch.from_numpy(video[idx]), torch.from_numpy(labels[idx])
+    if self.augment:
+        frames, labs, _ = augment_clip(frames, labs, self.img_size)
+    return dict(video=normalise(frames), labels=labs.long(),
+                valid=torch.from_numpy(np.asarray(valid, bool)), frame_idx=torch.from_numpy(idx),
+                patient=q['patient'], view=q['view'])
