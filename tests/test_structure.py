@@ -41,3 +41,39 @@ def test_links_between_notebooks_resolve():
     bad = [f"{p.name} -> {t}" for p in sorted(NBS.glob('*.ipynb')) for c in cells(p) if c['cell_type'] == 'markdown'
            for t in link.findall(src(c)) if not (NBS / t).exists()]
     assert not bad, bad
+
+def exported_cells(nb):
+    "(non-blank lines without `#|` directives, top-level definitions) of each exported code cell that is not imports only."
+    import ast
+    for c in cells(nb):
+        s = src(c)
+        if c['cell_type'] != 'code' or not re.search(r'^#\|\s*exports?\b', s, re.M): continue
+        body = '\n'.join(l for l in s.splitlines() if not l.startswith('#|'))
+        tree = ast.parse(body)
+        if all(isinstance(n, (ast.Import, ast.ImportFrom)) for n in tree.body): continue
+        defs = sum(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) for n in tree.body)
+        yield len([l for l in body.splitlines() if l.strip()]), defs
+
+def grain(nbs):
+    import statistics
+    rows = [r for p in nbs for r in exported_cells(p)]
+    lines = [n for n, _ in rows]
+    return dict(median=statistics.median(lines), max=max(lines), multi=sum(d > 1 for _, d in rows) / len(rows))
+
+def test_cells_have_the_grain_of_a_lesson():
+    "One idea per exported cell, as in fastcore's notebooks: median <= 12 lines, none over 60, <= 25 % with several definitions."
+    g = grain(NUMBERED)
+    over = [(p.name, n) for p in NUMBERED for n, _ in exported_cells(p) if n > 60]
+    assert g['median'] <= 12, g
+    assert not over, f"exported cells over 60 lines: {over}"
+    assert g['multi'] <= 0.25, g
+
+def test_grain_measure_counts_what_it_says(tmp_path):
+    "The measure itself, on a hand-made notebook: imports-only cells are left out, directives and blank lines not counted."
+    nb = {'cells': [{'cell_type': 'code', 'source': ['#| export\n', 'import os\n']},
+                    {'cell_type': 'code', 'source': ['#| export\n', 'def f(): pass\n', '\n', 'def g(): pass\n']},
+                    {'cell_type': 'code', 'source': ['x = 1\n']},
+                    {'cell_type': 'code', 'source': ['#| exports\n', 'A = 1\n', 'class B: pass\n', '# why\n']}]}
+    p = tmp_path / '00_x.ipynb'; p.write_text(json.dumps(nb))
+    assert list(exported_cells(p)) == [(2, 2), (3, 1)]
+    assert grain([p]) == dict(median=2.5, max=3, multi=0.5)
