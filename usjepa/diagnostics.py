@@ -9,6 +9,7 @@ __all__ = ['DIAGNOSTIC_KEYS', 'COLLAPSE_KEYS', 'rankme', 'token_spread', 'param_
 
 # %% ../nbs/17_diagnostics.ipynb #ab3f4ec1
 import json, math, warnings
+from fastcore.basics import patch
 from pathlib import Path
 
 import torch
@@ -158,8 +159,6 @@ class Diagnostics:
         return cls(*_fixed_clips(train_ds, n_train), *_fixed_clips(val_ds, n_val), **kw)
 
 # %% ../nbs/17_diagnostics.ipynb #76b4b710
-from fastcore.basics import patch
-
 @patch
 @torch.no_grad()
 def features(self: Diagnostics, encoder, video):
