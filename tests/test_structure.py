@@ -41,3 +41,13 @@ def test_links_between_notebooks_resolve():
     bad = [f"{p.name} -> {t}" for p in sorted(NBS.glob('*.ipynb')) for c in cells(p) if c['cell_type'] == 'markdown'
            for t in link.findall(src(c)) if not (NBS / t).exists()]
     assert not bad, bad
+
+TRACKS = ('start here', 'method', 'data', 'evaluation', 'baselines', 'run layer', 'experiments')
+
+def test_reading_order_names_every_notebook_and_its_track():
+    "The reading-order table of the index lists every notebook once, each on a reading track; the method track is 04, 05, 07, 08, 13, 14."
+    table = next(src(c) for c in cells(NBS / 'index.ipynb') if src(c).startswith('## Reading order'))
+    rows = re.findall(r'^\| `(\w+)` \| ([^|]+?) \|', table, re.M)
+    assert sorted(n for n, _ in rows) == sorted(p.stem for p in NBS.glob('*.ipynb') if p.stem != 'index')
+    assert {t for _, t in rows} <= set(TRACKS), rows
+    assert [n[:2] for n, t in rows if t == 'method'] == ['04', '05', '07', '08', '13', '14']
