@@ -4,7 +4,7 @@ from dataclasses import replace
 from pathlib import Path
 import pytest, torch
 
-from usjepa.config import RunConfig, validate, prepare_run_dir, PAPER_PRESET
+from usjepa.config import RunConfig, validate, prepare_run_dir, PAPER_PRESET, PARAMETERS
 from usjepa.pipeline import run, launch
 from usjepa.stages import grad_clip_at
 
@@ -16,15 +16,15 @@ TINY = dict(synthetic_patients=6, synthetic_size=64, img_size=32, patch_size=8, 
 def tiny(tmp_path, name='run', **kw): return RunConfig(**{**TINY, 'out_dir': str(tmp_path / name), **kw})
 
 def test_notebook_parameters_are_the_run_config():
-    "The papermill parameters cell of train.ipynb lists every RunConfig field with the same default and type."
+    "The papermill parameters cell of train.ipynb is a preset (the CPU default) and every RunConfig field with the same default and type."
     import ast
     from dataclasses import fields
     nb = json.loads((ROOT / 'nbs' / 'train.ipynb').read_text())
     cell = [c for c in nb['cells'] if 'parameters' in c['metadata'].get('tags', [])]
     assert len(cell) == 1
     params = {n.target.id: (ast.literal_eval(n.value), n.annotation.id) for n in ast.parse(''.join(cell[0]['source'])).body}
-    cfg = {f.name: (f.default, f.type.__name__) for f in fields(RunConfig)}
-    assert params == cfg
+    cfg = {'preset': ('cpu', 'str'), **{f.name: (f.default, f.type.__name__) for f in fields(RunConfig)}}
+    assert params == cfg and list(params) == list(PARAMETERS)
 
 def test_papermill_reads_every_parameter():
     "papermill's own parser (used by `--help-notebook` and for injection) understands every parameter line."
@@ -33,16 +33,18 @@ def test_papermill_reads_every_parameter():
     nb = json.loads((ROOT / 'nbs' / 'train.ipynb').read_text())
     cell = next(c for c in nb['cells'] if 'parameters' in c['metadata'].get('tags', []))
     names = [p.name for p in PythonTranslator.inspect({'source': ''.join(cell['source'])})]
-    assert names == [f.name for f in fields(RunConfig)]    # a '=' inside a comment makes papermill skip the line
+    assert names == list(PARAMETERS)                       # a '=' inside a comment makes papermill skip the line
 
 def test_notebook_states_the_paper_preset():
-    "The papermill command that train.ipynb gives for the paper's setting is PAPER_PRESET, value for value."
+    "The table of the paper's setting in train.ipynb is PAPER_PRESET and the CPU default, value for value, row for row."
     import re
     nb = json.loads((ROOT / 'nbs' / 'train.ipynb').read_text())
     md = next(''.join(c['source']) for c in nb['cells'] if c['cell_type'] == 'markdown' and "paper's setting" in ''.join(c['source']))
-    given = dict(re.findall(r'-p (\w+) (\S+)', md))
+    rows = {k: (paper, cpu) for k, paper, cpu in re.findall(r'^\| `(\w+)` \| (\S+) \| (\S+) \|$', md, re.M)}
+    assert list(rows) == list(PAPER_PRESET)
     for k, v in PAPER_PRESET.items():
-        assert k in given and type(v)(given[k]) == v, (k, given.get(k), v)
+        d = getattr(RunConfig(), k)
+        assert (type(v)(rows[k][0]), type(d)(rows[k][1])) == (v, d), (k, rows[k], v, d)
 
 def test_bad_parameters_are_named_before_any_work(tmp_path):
     cases = dict(lam=1.5, label_fraction=0.0, frozen_blocks=13, method='simclr', data_dir=str(tmp_path / 'nope'),

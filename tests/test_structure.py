@@ -77,3 +77,13 @@ def test_grain_measure_counts_what_it_says(tmp_path):
     p = tmp_path / '00_x.ipynb'; p.write_text(json.dumps(nb))
     assert list(exported_cells(p)) == [(2, 2), (3, 1)]
     assert grain([p]) == dict(median=2.5, max=3, multi=0.5)
+
+TRACKS = ('start here', 'method', 'data', 'evaluation', 'baselines', 'run layer', 'experiments')
+
+def test_reading_order_names_every_notebook_and_its_track():
+    "The reading-order table of the index lists every notebook once, each on a reading track; the method track is 04, 05, 07, 08, 13, 14."
+    table = next(src(c) for c in cells(NBS / 'index.ipynb') if src(c).startswith('## Reading order'))
+    rows = re.findall(r'^\| `(\w+)` \| ([^|]+?) \|', table, re.M)
+    assert sorted(n for n, _ in rows) == sorted(p.stem for p in NBS.glob('*.ipynb') if p.stem != 'index')
+    assert {t for _, t in rows} <= set(TRACKS), rows
+    assert [n[:2] for n, t in rows if t == 'method'] == ['04', '05', '07', '08', '13', '14']

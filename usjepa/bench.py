@@ -299,19 +299,11 @@ def _loader(a):
         return benchmark_loader(root, batch_size=a.batch, num_workers=a.workers, n_clips=a.n_clips,
                                 img_size=a.img_size, num_frames=a.frames)
 
-# %% ../nbs/20_bench.ipynb #ca4945b7
-def _value(v: str):
-    "A command-line value as papermill's `-p` reads it: int, float, True/False, else the string."
-    for cast in (int, float):
-        try: return cast(v)
-        except ValueError: pass
-    return {'True': True, 'False': False}.get(v, v)
-
 # %% ../nbs/20_bench.ipynb #842d08b8
 def _diagnostics(a):
-    params = {k: _value(v) for k, v in a.param}
+    from usjepa.config import RunConfig, parse_value
+    params = {k: parse_value(v) for k, v in a.param}
     if a.root is not None: return bench_diagnostics(a.root, a.steps, **params)
-    from usjepa.config import RunConfig
     from usjepa.phantom import write_camus_phantom
     c = RunConfig(**params)
     with tempfile.TemporaryDirectory() as d:
