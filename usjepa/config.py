@@ -31,9 +31,8 @@ PRECISIONS = ('auto', 'fp32', 'bf16')
 
 # %% ../nbs/16_config.ipynb #311d84b9
 @dataclass
-class RunConfig:
-    "Everything that defines a run; `validate()` checks it before any work."
-    # the method
+class _MethodFields:
+    "Which method, and its own few settings."
     method: str = 'vjepa_ll'        # vjepa | vjepa_ll (V-JEPA + 3D relative localization) | videomae | supervised (ViT end to end) | unet
     lam: float = 0.25               # λ in λ·L_jepa + (1−λ)·L_ll, L_ll the paper's Eq. 3 (vjepa_ll only; vjepa means λ = 1)
     n_pairs: int = 100              # localization pairs per clip, split evenly over the two mask generators (paper: 100)
@@ -41,7 +40,11 @@ class RunConfig:
     label_fraction: float = 1.0     # fraction of training patients whose labels the probe sees
     unet_base: int = 16             # unet: channels of the first level (doubling per level, 3 levels down)
     unet_frames: int = 1            # unet: frames t-k..t+k given as channels (odd; 1 = the usual 2-D U-Net)
-    # data
+
+# %% ../nbs/16_config.ipynb #19d1614d
+@dataclass
+class _DataFields(_MethodFields):
+    "Where the clips come from and how they are cut."
     data_dir: str = ''              # CAMUS root ('' = write and use the synthetic CAMUS-layout data set)
     views: str = '2CH,4CH'          # comma-separated views
     synthetic_patients: int = 80    # size of the synthetic data set when data_dir is ''
@@ -50,7 +53,11 @@ class RunConfig:
     num_frames: int = 16            # frames per clip
     frame_step: int = 4             # step between sampled frames
     augment: bool = True            # V-JEPA's pretraining augmentation: one random resized crop + flip per clip
-    # model
+
+# %% ../nbs/16_config.ipynb #bbac6490
+@dataclass
+class _ModelFields(_DataFields):
+    "The encoder, the predictor and where their weights start."
     model: str = 'vit_tiny'         # vit_tiny | vit_small | vit_base | vit_large | vit_huge | vit_giant (V-JEPA 2's ViT-g)
     pos_embed: str = 'sincos'       # sincos (V-JEPA's fixed 3D table) | rope (V-JEPA 2's rotary positions in every attention)
     patch_size: int = 8             # spatial patch (16 for the published weights); tubelets are 2 frames
@@ -62,7 +69,11 @@ class RunConfig:
     init_partial: bool = False      # accept an init_checkpoint that fits only in part (default: every tensor must load)
     from_scratch: bool = False      # allow vit_large/vit_huge or frozen_blocks > 0 without init_checkpoint
     activation_checkpointing: bool = False  # recompute block activations in backward: less memory, ~1/3 more compute
-    # pretraining
+
+# %% ../nbs/16_config.ipynb #f3038c0c
+@dataclass
+class _PretrainFields(_ModelFields):
+    "Pretraining: batch, schedules (V-JEPA's), and the levers of the recipe ablation."
     batch_size: int = 4             # clips per step and process
     pretrain_epochs: int = 5
     warmup_epochs: int = 1
@@ -79,7 +90,11 @@ class RunConfig:
     reg_coeff: float = 0.           # weight of V-JEPA's std hinge on the predictions (0 = off, as in V-JEPA)
     sigreg_coeff: float = 0.        # weight of SIGReg (LeJEPA) on the context encoder's tokens (0 = off)
     ll_on: str = 'pred'             # localization pairs among the predicted tokens (the paper) or the context encoder's ('context')
-    # probe
+
+# %% ../nbs/16_config.ipynb #a7b0fc5f
+@dataclass
+class _ProbeFields(_PretrainFields):
+    "The frozen probe and its decoder, and how the test split is scored."
     probe_epochs: int = 12          # epochs of the probe (of the whole segmenter for supervised and unet)
     probe_lr: float = 1e-3          # cosine from probe_lr to 0 (the paper's setting)
     probe_batch_size: int = 8
@@ -90,7 +105,11 @@ class RunConfig:
     pretrained_run: str = ''        # '' or a finished run folder with this run's pretraining parameters: probe its encoder, skip pretraining
     # evaluation
     eval_resolution: str = 'native' # native (each file's own size and spacing, as CAMUS) | input (the network's img_size)
-    # run
+
+# %% ../nbs/16_config.ipynb #9681d6c9
+@dataclass
+class RunConfig(_ProbeFields):
+    "Everything that defines a run; `validate()` checks it before any work."
     seed: int = 0
     device: str = 'auto'            # auto | cpu | cuda | cuda:N
     precision: str = 'auto'         # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
