@@ -328,28 +328,32 @@ class Predictor(nn.Module):
         if not zero_init_mask_tokens:
             for t in self.mask_tokens: trunc_normal_(t, std=init_std)
 
-    def forward(self, ctx, ctx_idx, tgt_idx, mask_index=0):
-        "ctx (B, Nc, D) encoder output at ctx_idx (B, Nc) -> predictions (B, Nt, D) at tgt_idx (B, Nt)."
-        if ctx.shape[:2] != ctx_idx.shape: raise ValueError(f"ctx {tuple(ctx.shape)} does not match ctx_idx {tuple(ctx_idx.shape)}")
-        if tgt_idx.dim() != 2 or tgt_idx.shape[0] != ctx_idx.shape[0]:
-            raise ValueError(f"tgt_idx must be (B={ctx_idx.shape[0]}, Nt), got shape {tuple(tgt_idx.shape)}")
-        B, n_ctx = ctx_idx.shape
-        mask_token = self.mask_tokens[mask_index % len(self.mask_tokens)]
-        rope = None
-        if self.predictor_pos_embed is None:     # RoPE: the tokens carry no position, attention turns them by their place
-            x = torch.cat([self.predictor_embed(ctx), mask_token.expand(B, tgt_idx.shape[1], -1)], dim=1)
-            rope = rope_table(torch.cat([ctx_idx, tgt_idx], 1), self.grid, self.predictor_embed_dim // self.num_heads, self.rope_variant)
-        else:
-            pos = self.predictor_pos_embed.expand(B, -1, -1)
-            x = self.predictor_embed(ctx) + apply_masks(pos, ctx_idx)
-            x = torch.cat([x, mask_token + apply_masks(pos, tgt_idx)], dim=1)
-        x = run_blocks(self.predictor_blocks, x, self.grad_checkpointing, rope)
-        return self.predictor_proj(self.predictor_norm(x[:, n_ctx:]))
+# %% ../nbs/05_model.ipynb #3f19d219
+@patch
+def forward(self: Predictor, ctx, ctx_idx, tgt_idx, mask_index=0):
+    "ctx (B, Nc, D) encoder output at ctx_idx (B, Nc) -> predictions (B, Nt, D) at tgt_idx (B, Nt)."
+    if ctx.shape[:2] != ctx_idx.shape: raise ValueError(f"ctx {tuple(ctx.shape)} does not match ctx_idx {tuple(ctx_idx.shape)}")
+    if tgt_idx.dim() != 2 or tgt_idx.shape[0] != ctx_idx.shape[0]:
+        raise ValueError(f"tgt_idx must be (B={ctx_idx.shape[0]}, Nt), got shape {tuple(tgt_idx.shape)}")
+    B, n_ctx = ctx_idx.shape
+    mask_token = self.mask_tokens[mask_index % len(self.mask_tokens)]
+    rope = None
+    if self.predictor_pos_embed is None:     # RoPE: the tokens carry no position, attention turns them by their place
+        x = torch.cat([self.predictor_embed(ctx), mask_token.expand(B, tgt_idx.shape[1], -1)], dim=1)
+        rope = rope_table(torch.cat([ctx_idx, tgt_idx], 1), self.grid, self.predictor_embed_dim // self.num_heads, self.rope_variant)
+    else:
+        pos = self.predictor_pos_embed.expand(B, -1, -1)
+        x = self.predictor_embed(ctx) + apply_masks(pos, ctx_idx)
+        x = torch.cat([x, mask_token + apply_masks(pos, tgt_idx)], dim=1)
+    x = run_blocks(self.predictor_blocks, x, self.grad_checkpointing, rope)
+    return self.predictor_proj(self.predictor_norm(x[:, n_ctx:]))
 
-    def set_grad_checkpointing(self, enable=True):
-        "Activation checkpointing of the predictor's blocks; returns self."
-        self.grad_checkpointing = bool(enable)
-        return self
+# %% ../nbs/05_model.ipynb #1bfba027
+@patch
+def set_grad_checkpointing(self: Predictor, enable=True):
+    "Activation checkpointing of the predictor's blocks; returns self."
+    self.grad_checkpointing = bool(enable)
+    return self
 
 # %% ../nbs/05_model.ipynb #e9ee860f
 def build_predictor(encoder, predictor_embed_dim=384, depth=12, num_mask_tokens=2, num_heads=None, **kw):
