@@ -62,7 +62,8 @@ def state_shapes(target):
     return {k: tuple(v.shape) if hasattr(v, 'shape') else tuple(v) for k, v in state.items()}
 
 # %% ../nbs/06_checkpoints.ipynb #a5f6cbde
-def _first(items, n=3):
+def _shortlist(items, n=3):
+    "The first `n` of `items`, comma-separated, with ', ...' when there are more (an error message's sample)."
     return ', '.join(str(i) for i in items[:n]) + (', ...' if len(items) > n else '')
 
 # %% ../nbs/06_checkpoints.ipynb #3b1087a6
@@ -97,9 +98,9 @@ def fit_state(own, state, what, source, path, partial, strict):
         raise ValueError(
             f"{path}: entry {source or '(bare state dict)'!r} does not fit the {what} ({len(own)} tensors, {len(fitting)} fit): "
             + (f"{positions}; " if positions else "") +
-            f"{len(missing)} missing [{_first(missing)}], "
-            f"{len(mismatched)} mis-shaped [{_first([f'{k} file {a} vs model {b}' for k, a, b in mismatched])}], "
-            f"{len(unexpected)} unexpected [{_first(unexpected)}]"
+            f"{len(missing)} missing [{_shortlist(missing)}], "
+            f"{len(mismatched)} mis-shaped [{_shortlist([f'{k} file {a} vs model {b}' for k, a, b in mismatched])}], "
+            f"{len(unexpected)} unexpected [{_shortlist(unexpected)}]"
             + ("" if partial or not fitting else "; pass partial=True to load only what fits"))
     return report, fitting
 
@@ -136,14 +137,14 @@ def _plan(ckpt, path, encoder, predictor, which, partial, strict):
     return parts
 
 # %% ../nbs/06_checkpoints.ipynb #fb84eb3d
-def check_checkpoint(path, encoder=None, predictor=None, which='target_encoder', partial=False, strict=False) -> dict:
+def check_checkpoint(path, encoder=None, predictor=None, which='target_encoder', *, partial=False, strict=False) -> dict:
     "Everything `load_checkpoint` checks, without loading: `encoder`/`predictor` may be modules (also on the meta device) or {name: shape}."
     ckpt = open_checkpoint(path)
     parts = _plan(ckpt, path, encoder, predictor, which, partial, strict)
     return dict(path=str(path), epoch=ckpt.get('epoch'), **{k: v[2] for k, v in parts.items()})
 
 # %% ../nbs/06_checkpoints.ipynb #e2155a5f
-def load_checkpoint(path, encoder=None, predictor=None, which='target_encoder', strict=False, partial=False) -> dict:
+def load_checkpoint(path, encoder=None, predictor=None, which='target_encoder', *, partial=False, strict=False) -> dict:
     "Load a V-JEPA checkpoint file into `encoder` / `predictor`; refuses one that does not fit (unless `partial`); returns the report."
     ckpt = open_checkpoint(path)
     parts = _plan(ckpt, path, encoder, predictor, which, partial, strict)   # all parts checked before any is loaded

@@ -16,8 +16,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 # %% auto #0
 __all__ = ['atomic_write', 'write_text_atomic', 'remove_stale_temporaries', 'save_torch', 'resolve_device', 'amp_dtype',
-           'seed_everything', 'append_jsonl', 'read_jsonl', 'truncate_jsonl', 'Dist', 'init_distributed', 'ddp',
-           'fingerprint', 'gather_fingerprints', 'widgets_live', 'progress_bar']
+           'seed_everything', 'append_jsonl', 'read_jsonl', 'truncate_jsonl', 'mean_or_nan', 'Dist', 'init_distributed',
+           'ddp', 'fingerprint', 'gather_fingerprints', 'widgets_live', 'progress_bar']
 
 # %% ../nbs/00_core.ipynb #a90d33ce
 @contextmanager
@@ -115,6 +115,12 @@ def truncate_jsonl(path, key: str, upto):
     if not Path(path).exists(): return
     rows = [r for r in read_jsonl(path) if r[key] < upto]
     with atomic_write(path) as tmp: tmp.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+
+# %% ../nbs/00_core.ipynb #710cd9f7
+def mean_or_nan(xs, skip_missing=False) -> float:
+    "Plain mean of `xs`, NaN when there is none; `skip_missing`: leave out `None` and non-finite values first."
+    if skip_missing: xs = [x for x in xs if x is not None and math.isfinite(x)]
+    return sum(xs) / len(xs) if xs else math.nan
 
 # %% ../nbs/00_core.ipynb #74f23c51
 @dataclass

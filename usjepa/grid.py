@@ -13,6 +13,7 @@ import numpy as np
 
 from .config import RunConfig, PAPER_PRESET, END_TO_END, validate, normal_form, load_config
 from .scores import paired_test
+from .core import mean_or_nan
 
 # %% auto #0
 __all__ = ['PRESETS', 'scaled_blocks', 'Job', 'plan', 'check_plan', 'config_diff', 'status', 'papermill_execute', 'run_grid',
@@ -63,7 +64,8 @@ class Job:
     seed: int = 0
 
 # %% ../nbs/21_grid.ipynb #13d5e113
-def _name(method, lam, fb, lf, seed):
+def _job_name(method, lam, fb, lf, seed):
+    "A job's run-folder name: its method and the values that set it apart (`vjepa_ll-lam0.25-fb0-lf0.5-seed1`)."
     parts = [method] + ([f'lam{lam:g}'] if method == 'vjepa_ll' else []) + ([f'fb{fb}'] if method not in END_TO_END else [])
     return '-'.join(parts + [f'lf{lf:g}', f'seed{seed}'])
 
@@ -82,7 +84,7 @@ def plan(preset='cpu', out_root='experiments', inputs=None, seeds=None) -> list:
                 for fb in blocks:
                     first = None
                     for lf in fracs:
-                        name = _name(method, lam, fb, lf, seed)
+                        name = _job_name(method, lam, fb, lf, seed)
                         params = {**p['base'], **p['per_method'].get(method, {}), **inputs.get('all', {}), **inputs.get(method, {}),
                                   'method': method, 'lam': lam, 'frozen_blocks': fb, 'label_fraction': lf, 'seed': seed,
                                   'out_dir': str(out_root / name)}
@@ -264,11 +266,6 @@ def compare_table(cmp, rows, metric='dsc', cls='paper:mean') -> str:
                      + f" | {'real' if real else 'not shown'} |")
     return '\n'.join(lines)
 
-# %% ../nbs/21_grid.ipynb #92c60d81
-def _mean(xs):
-    xs = [x for x in xs if x is not None and math.isfinite(x)]
-    return float(np.mean(xs)) if xs else float('nan')
-
 # %% ../nbs/21_grid.ipynb #4f942037
 def ef_rows(rows) -> str:
     "Markdown: EF MAE, bias and r (predicted vs reference masks) per configuration and label fraction, mean over seeds."
@@ -278,7 +275,7 @@ def ef_rows(rows) -> str:
         ef = (r.get('test') or {}).get('EF', {}).get('ef') if r['status'] == 'done' else None
         if ef: groups.setdefault((config_name(r), r['label_fraction']), []).append(ef)
     for (c, lf), efs in groups.items():
-        m = lambda k: _mean([e.get(k) for e in efs])
+        m = lambda k: mean_or_nan([e.get(k) for e in efs], skip_missing=True)
         n = lambda k: sum(int(e.get(k) or 0) for e in efs)          # summed over the runs
         lines.append(f"| {c} | {lf:.0%} | {m('mae'):.1f} | {m('bias'):+.1f} | {m('r'):.2f} | {len(efs)} | {n('n')} / {n('n_dropped')} |")
     return '\n'.join(lines)

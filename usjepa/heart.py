@@ -6,6 +6,7 @@
 from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
+from types import SimpleNamespace
 import numpy as np
 from scipy import ndimage
 
@@ -47,16 +48,20 @@ class PhantomParams:
     def replace(self, **kw): return dataclasses.replace(self, **kw)
 
 # %% ../nbs/01_heart.ipynb #a6896127
-def _u(rng, r): return float(rng.uniform(*r)) if isinstance(r, (tuple, list)) else float(r)
+def _draw(rng, r):
+    "A uniform draw from the range `r` = (lo, hi), or `r` itself when it is a fixed number (a knob set to one value)."
+    return float(rng.uniform(*r)) if isinstance(r, (tuple, list)) else float(r)
 
 # %% ../nbs/01_heart.ipynb #0b882ab8
-def _lerp(r, z): return r[0] + (r[1] - r[0]) * z
+def _between(r, z):
+    "The point a share `z` in [0, 1] of the way from `r[0]` to `r[1]` (an artefact strength at image quality `z`)."
+    return r[0] + (r[1] - r[0]) * z
 
 # %% ../nbs/01_heart.ipynb #5f7676de
-def patient_params(seed, P=PhantomParams()):
+def patient_params(seed, params=PhantomParams()):
     "Anatomy and function shared by both views of one patient (lengths in mm)."
     rng = np.random.default_rng([seed, 0])
-    lv_len = _u(rng, P.lv_len_mm)
+    lv_len = _draw(rng, params.lv_len_mm)
     return dict(
         lv_len=lv_len,                                     # apex -> mitral plane at ED, mm
         lv_width=lv_len * rng.uniform(0.50, 0.64),         # ED cavity width, mm
@@ -69,13 +74,13 @@ def patient_params(seed, P=PhantomParams()):
         wall_harm=rng.normal(0, 0.15, 2),                   # wall-thickness variation (k=1)
         la_harm=rng.normal(0, 0.06, (3, 2)),
         myo_tex=rng.normal(0, 0.3, (8, 2)),                # myocardial echogenicity along the wall
-        hypo=rng.random() < P.hypokinesis,                 # a hypokinetic region: where, how wide, how strong
+        hypo=rng.random() < params.hypokinesis,            # a hypokinetic region: where, how wide, how strong
         hypo_phi=rng.uniform(-2.2, 2.2), hypo_kappa=rng.uniform(2, 6), hypo_amp=rng.uniform(0.4, 0.95),
         sex=str(rng.choice(['F', 'M'])), age=int(rng.integers(20, 95)),
     )
 
 # %% ../nbs/01_heart.ipynb #b2a7690f
-def view_params(seed, view, n_frames, size, P=PhantomParams()):
+def view_params(seed, view, n_frames, size, params=PhantomParams()):
     "Pose, scanner settings, image quality and artefacts of one view."
     rng = np.random.default_rng([seed, VIEW_IDS[view]])
     H, W = size
@@ -84,30 +89,30 @@ def view_params(seed, view, n_frames, size, P=PhantomParams()):
     p = dict(
         n_frames=int(rng.integers(10, 31)) if n_frames is None else int(n_frames),
         reverse=bool(rng.random() < 0.25),                 # some CAMUS half sequences run ES -> ED
-        tilt=np.deg2rad(rng.uniform(-P.tilt_deg, P.tilt_deg) + (4 if view == '4CH' else 0)),
-        apex_x=(0.5 + (0.06 if view == '4CH' else 0.0) + rng.uniform(-P.apex_shift, P.apex_shift)) * W,
+        tilt=np.deg2rad(rng.uniform(-params.tilt_deg, params.tilt_deg) + (4 if view == '4CH' else 0)),
+        apex_x=(0.5 + (0.06 if view == '4CH' else 0.0) + rng.uniform(-params.apex_shift, params.apex_shift)) * W,
         apex_y=rng.uniform(0.06, 0.18) * H,
-        depth_ratio=_u(rng, P.depth_ratio),
-        half_angle=np.deg2rad(_u(rng, P.half_angle_deg)), depth=rng.uniform(0.93, 0.99) * H,
+        depth_ratio=_draw(rng, params.depth_ratio),
+        half_angle=np.deg2rad(_draw(rng, params.half_angle_deg)), depth=rng.uniform(0.93, 0.99) * H,
         gain=rng.uniform(0.8, 1.25), dyn_range=rng.uniform(40, 52), gamma=rng.uniform(0.85, 1.15),
         atten=rng.uniform(0.4, 1.6), tgc=rng.uniform(0.2, 1.2),
         tissue=rng.uniform(0.10, 0.16), frame_rate=float(rng.integers(35, 80)),
-        speckle_rho=_u(rng, P.speckle_rho),
-        la_cut=bool(rng.random() < P.la_cut), la_cut_frac=rng.uniform(0.25, 0.7),
+        speckle_rho=_draw(rng, params.speckle_rho),
+        la_cut=bool(rng.random() < params.la_cut), la_cut_frac=rng.uniform(0.25, 0.7),
         shadow=rng.random() < 0.2 + 0.3 * z,
-        wobble=P.wobble * rng.uniform(0.3, 1.0), wob_f=rng.uniform(1.0, 2.5), wob_ph=rng.uniform(0, 2 * np.pi),
+        wobble=params.wobble * rng.uniform(0.3, 1.0), wob_f=rng.uniform(1.0, 2.5), wob_ph=rng.uniform(0, 2 * np.pi),
         trans=rng.normal(0, 1, (2, 2)), trans_ph=rng.uniform(0, 2 * np.pi, (2, 2)),
         z=z, rng=rng)
-    q = dict(myo_c=_lerp(P.myo_contrast[::-1], jit()), blood_c=_lerp(P.blood, jit()), clutter=_lerp(P.clutter, jit()),
-             reverb=_lerp(P.reverb, jit()), noise=_lerp(P.noise, jit()), drop=P.dropout_rate * (0.2 + 1.6 * jit()))
+    q = dict(myo_c=_between(params.myo_contrast[::-1], jit()), blood_c=_between(params.blood, jit()), clutter=_between(params.clutter, jit()),
+             reverb=_between(params.reverb, jit()), noise=_between(params.noise, jit()), drop=params.dropout_rate * (0.2 + 1.6 * jit()))
     p.update(q)
     p['myo'], p['blood'] = p['tissue'] * q['myo_c'], p['tissue'] * q['blood_c']
     # the degradation score: mean of the realised settings, each scaled to [0, 1] over its range
     norm = lambda v, r: (v - r[0]) / (r[1] - r[0] + 1e-12)
-    parts = [norm(q['myo_c'], P.myo_contrast[::-1]), norm(q['blood_c'], P.blood), norm(q['clutter'], P.clutter),
-             norm(q['noise'], P.noise), (q['drop'] / max(P.dropout_rate, 1e-9) - 0.2) / 1.6]
-    p['score'] = float(np.mean(parts)) if P.dropout_rate > 0 else float(np.mean(parts[:-1]))
-    lo, hi = P.quality_cuts
+    parts = [norm(q['myo_c'], params.myo_contrast[::-1]), norm(q['blood_c'], params.blood), norm(q['clutter'], params.clutter),
+             norm(q['noise'], params.noise), (q['drop'] / max(params.dropout_rate, 1e-9) - 0.2) / 1.6]
+    p['score'] = float(np.mean(parts)) if params.dropout_rate > 0 else float(np.mean(parts[:-1]))
+    lo, hi = params.quality_cuts
     p['quality'] = 'Good' if p['score'] < lo else 'Medium' if p['score'] < hi else 'Poor'
     return p
 
@@ -118,28 +123,27 @@ def smooth_noise(rng, shape, sigma):
     return f / (f.std() + 1e-9)
 
 # %% ../nbs/01_heart.ipynb #d17ca1b5
-def sample_heart(seed, view, n_frames, size, P=PhantomParams()):
-    """The patient's and this view's parameters, ready for `draw_anatomy`: `(pp, vp)`. `vp['rng']` is the
+def sample_heart(seed, view, n_frames, size, params=PhantomParams()):
+    """The patient's and this view's parameters, ready for `draw_anatomy`: `(patient, acq)`. `acq['rng']` is the
     view's generator, left where the image formation goes on drawing from it."""
-    pp = patient_params(seed, P)
-    vp = view_params(seed, view, n_frames, size, P)
-    vp['depth_mm'] = vp['depth_ratio'] * pp['lv_len']                # the sonographer sets the depth for this heart
-    rng, (H, W) = vp['rng'], size
-    vp['tex'] = np.clip(smooth_noise(rng, (H, W), 5 * W / 256), -2, 2).astype(np.float32)
-    vp.update(peri_amp=rng.uniform(0.8, 2.0), peri_harm=rng.normal(0, 0.6, (4, 2)),
-              peri_bias=float(np.quantile(rng.normal(0, 1, 64), 1 - P.epi_visibility)) * -0.5 if P.epi_visibility > 0 else -9.0,
-              trab_ph=rng.uniform(0, 2 * np.pi))
-    return pp, vp
+    patient = patient_params(seed, params)
+    acq = view_params(seed, view, n_frames, size, params)
+    acq['depth_mm'] = acq['depth_ratio'] * patient['lv_len']      # the sonographer sets the depth for this heart
+    rng, (H, W) = acq['rng'], size
+    acq['tex'] = np.clip(smooth_noise(rng, (H, W), 5 * W / 256), -2, 2).astype(np.float32)
+    acq.update(peri_amp=rng.uniform(0.8, 2.0), peri_harm=rng.normal(0, 0.6, (4, 2)),
+               peri_bias=float(np.quantile(rng.normal(0, 1, 64), 1 - params.epi_visibility)) * -0.5 if params.epi_visibility > 0 else -9.0,
+               trab_ph=rng.uniform(0, 2 * np.pi))
+    return patient, acq
 
 # %% ../nbs/01_heart.ipynb #d7c1ff2a
-def cardiac_phase(n_frames, reverse, wobble=0.0, f=1.5, ph0=0.0):
+def cardiac_phase(n_frames, reverse, wobble=0.0, f=1.5, phase0=0.0):
     """Cardiac phase per frame: 0 = ED, 1 = ES (cosine ease) plus a non-monotone wobble that vanishes at
     both ends; reversed for ES -> ED sequences."""
     t = np.linspace(0, 1, n_frames)
-    ph = 0.5 - 0.5 * np.cos(np.pi * t) + wobble * np.sin(np.pi * t) * np.sin(2 * np.pi * f * t + ph0)
-    ph = np.clip(ph, 0, 1)
-    return ph[::-1].copy() if reverse else ph
-
+    phase = 0.5 - 0.5 * np.cos(np.pi * t) + wobble * np.sin(np.pi * t) * np.sin(2 * np.pi * f * t + phase0)
+    phase = np.clip(phase, 0, 1)
+    return phase[::-1].copy() if reverse else phase
 
 # %% ../nbs/01_heart.ipynb #1adfa87d
 def _harmonics(z, coefs, k0=1):
@@ -171,98 +175,149 @@ def _seg_dist(x, y, p, q):
 # %% ../nbs/01_heart.ipynb #3f1755ba
 WALL_SEGMENTS = np.array([-2.2, -1.5, -0.8, -0.25, 0.25, 0.8, 1.5, 2.2])    # wall segments (angle from the apex direction)
 
-def draw_anatomy(pp, vp, ph, X, Y, view, drop=None, shift=(0.0, 0.0)):
-    """One frame at cardiac phase `ph` in [0, 1]: labels (H,W) uint8, echogenicity (H,W), blood mask (H,W) and
+# %% ../nbs/01_heart.ipynb #776a4a35
+def _lv_frame(patient, acq, phase, X, Y, shift):
+    "The LV's size at `phase` in pixels (length `L`, semi-axes `b` along and `a` across, wall `thick`), every pixel's (u, v)."
+    H, W = X.shape
+    mm = H / acq['depth_mm']                                        # pixels per mm: depth rescales the anatomy
+    s = 1 - patient['long_short'] * phase                           # long-axis shortening
+    w_es = np.sqrt((1 - patient['ef']) / (1 - patient['long_short']))
+    L = patient['lv_len'] * mm * s
+    a_ed = patient['lv_width'] * mm / 2 / np.sqrt(1 - patient['beta'] ** 2)
+    a = a_ed * (1 - (1 - w_es) * phase)
+    b = L / (1 + patient['beta'])
+    thick = patient['wall'] * mm * (1 + 0.6 * patient['ef'] * phase)
+    g = acq['tilt']
+    dx, dy = X - acq['apex_x'] - shift[0], Y - acq['apex_y'] - shift[1]
+    u = dx * np.sin(g) + dy * np.cos(g)                             # along the long axis, 0 at the apex
+    v = dx * np.cos(g) - dy * np.sin(g)                             # across it (towards +x)
+    return SimpleNamespace(mm=mm, s=s, L=L, a_ed=a_ed, a=a, b=b, thick=thick, g=g, u=u, v=v)
+
+# %% ../nbs/01_heart.ipynb #550e0e60
+def _lv_walls(patient, f):
+    "Cavity and myocardium of the frame `f` (and the polar quantities the echogenicity reuses), added to `f`."
+    u, v, a, b, L = f.u, f.v, f.a, f.b, f.L
+    lev, z, rho, r_endo = _ellipse_level(u - b, v, b, a, patient['harm'])
+    if patient['hypo']:                                             # a hypokinetic region keeps (part of) its ED radius
+        bump = np.exp(patient['hypo_kappa'] * ((z * np.exp(-1j * patient['hypo_phi'])).real - 1))
+        r_endo = r_endo * (1 + patient['hypo_amp'] * bump * (f.a_ed / a - 1))
+        lev = rho / r_endo
+    cavity = (lev < 1) & (u < L)
+    t_phi = f.thick * _harmonics(z, [patient['wall_harm']]) * (1 - 0.35 * np.clip(z.real, 0, None) ** 4)
+    epi = rho < r_endo + t_phi
+    myo = epi & ~cavity & (u < L)
+    f.__dict__.update(lev=lev, z=z, rho=rho, r_endo=r_endo, cavity=cavity, t_phi=t_phi, epi=epi, myo=myo)
+    return f
+
+# %% ../nbs/01_heart.ipynb #b79f8d4c
+def _left_atrium(patient, f, phase):
+    "The left atrium of the frame `f`: it hangs below the mitral plane and fills during systole; added to `f`."
+    u, v, a, L = f.u, f.v, f.a, f.L
+    ann = a * np.sqrt(1 - patient['beta'] ** 2)                    # annulus half width
+    ann_ed = patient['lv_width'] * f.mm / 2                         # the atrium does not follow the LV's contraction
+    a_la = ann_ed * patient['la_scale'] * (0.95 + patient['la_fill'] * phase)
+    b_la = a_la * 1.15
+    la_lev, _, _, _ = _ellipse_level(u - (L + 0.55 * b_la), v + 0.05 * a, b_la, a_la, patient['la_harm'], 1)
+    la = (la_lev < 1) & (u >= L) & ~f.myo
+    f.__dict__.update(ann=ann, b_la=b_la, la_lev=la_lev, la=la)
+    return f
+
+# %% ../nbs/01_heart.ipynb #25b059eb
+def _material_coords(f, acq, X, Y, shift):
+    "Where each pixel's tissue was at ED: undo the long-axis shortening, the lateral contraction near the LV, the translation."
+    u, v, a, L, s, g = f.u, f.v, f.a, f.L, f.s, f.g
+    u0 = np.where(u > 0, u / s, u)
+    k = f.a_ed / a
+    v0 = v * (1 + (k - 1) * np.exp(-(v / (a + 1.5 * f.thick)) ** 2) * np.exp(-np.clip(u0 - 1.2 * L / s, 0, None) ** 2 / (0.2 * L) ** 2))
+    x0 = acq['apex_x'] + u0 * np.sin(g) + v0 * np.cos(g)
+    y0 = acq['apex_y'] + u0 * np.cos(g) - v0 * np.sin(g)
+    # the heart slides inside the pericardium: tissue outside it only follows the whole-heart translation
+    inside = ndimage.binary_dilation(f.epi | f.la, iterations=max(1, int(round(1.5 * f.mm))))
+    return np.where(inside, x0, X - shift[0]), np.where(inside, y0, Y - shift[1])
+
+# %% ../nbs/01_heart.ipynb #0cf388c3
+def _tissue_echo(f, acq, x0, y0):
+    "Echogenicity of the tissue (a texture carried by the motion) and of the patchy pericardium: `(E, texture)`."
+    tex = ndimage.map_coordinates(acq['tex'], [y0, x0], order=1, mode='reflect')
+    E = acq['tissue'] * (1 + 0.4 * tex)                             # tissue texture, carried by the motion
+    # the pericardium: a bright line outside the epicardium, only along part of it (patchy, faint)
+    edge, mm = f.r_endo + f.t_phi, f.mm
+    peri = (f.rho > edge + 0.8 * mm) & (f.rho < edge + 3.0 * mm) & (f.u < f.L + 3 * mm)
+    vis = np.clip(_harmonics(f.z[peri], acq['peri_harm'], 1) - 1 + acq['peri_bias'], 0, 1)
+    E[peri] *= 1 + acq['peri_amp'] * vis
+    return E, tex
+
+# %% ../nbs/01_heart.ipynb #6a1638f5
+def _right_heart(f, acq, E, H, W):
+    "The 4CH view's right ventricle and atrium (unlabelled) drawn into `E`; returns their blood mask."
+    u, v, a, b, L, b_la = f.u, f.v, f.a, f.b, f.L, f.b_la
+    a_rv = 0.8 * a
+    rv_v = v + a + f.thick + a_rv * 0.95 + 0.01 * W
+    rv_lev, _, _, _ = _ellipse_level(u - (0.25 * L + 0.85 * b), rv_v, 0.85 * b, a_rv)
+    rv = (rv_lev < 1) & (u < L) & ~f.epi
+    ra_lev, _, _, _ = _ellipse_level(u - (L + 0.5 * b_la), rv_v - 0.05 * a, b_la * 0.95, a_rv * 0.9)
+    ra = (ra_lev < 1) & (u >= L + 0.01 * H) & ~f.la
+    rvw = ((rv_lev < 1.12) & ~rv & (u < L) & ~f.epi) | ((ra_lev < 1.15) & ~ra & (u > L) & ~f.la)
+    E[rvw] = acq['myo'] * 0.8
+    E[rv | ra] = acq['blood']
+    return rv | ra
+
+# %% ../nbs/01_heart.ipynb #e529e3ad
+def _left_heart_echo(f, patient, acq, E, tex):
+    "The left atrium and its faint wall, the myocardium and the cavity drawn into `E`, then the trabeculae and papillary muscles."
+    u, v, a, L = f.u, f.v, f.a, f.L
+    E[f.la] = acq['blood']
+    la_ring = (f.la_lev >= 1) & (f.la_lev < 1.12) & (u > L) & ~f.myo        # atrial wall, thin and faint
+    E[la_ring] = np.maximum(E[la_ring], 1.1 * acq['tissue'])
+    E[f.myo] = acq['myo'] * _harmonics(f.z[f.myo], patient['myo_tex'], 1).clip(0.5, 1.6) * (1 + 0.3 * tex[f.myo])
+    E[f.cavity] = acq['blood']
+    # trabeculae near the endocardium and two papillary muscles: brighter spots *inside* label 1
+    trab = f.cavity & (f.lev > 0.86) & ((f.z ** 9 * np.exp(1j * acq['trab_ph'])).real > 0.3)
+    E[trab] = 0.45 * acq['myo']
+    for side in (-1, 1):
+        d = np.hypot(u - 0.62 * L, v - side * 0.55 * a)
+        pap = f.cavity & (d < 0.2 * a)
+        E[pap] = 0.6 * acq['myo']
+
+# %% ../nbs/01_heart.ipynb #a50810fb
+def _mitral_leaflets(f, acq, E, phase, W):
+    "The mitral leaflets drawn into `E`: hinged at the annulus, open towards the LV at ED, closed (bowing to the LA) at ES."
+    ang = np.deg2rad(75) * (1 - np.clip(phase / 0.2, 0, 1))
+    for side in (-1, 1):
+        hinge = np.array([side * f.ann, f.L])                       # (v, u)
+        leaf = 0.85 * f.ann
+        tip = hinge + leaf * np.array([-side * np.cos(ang), -np.sin(ang) + 0.15 * (1 - ang / 1.3)])
+        dd = _seg_dist(f.v, f.u, hinge, tip)
+        E[(dd < 0.006 * W + 0.5)] = 0.7 * acq['myo']
+
+# %% ../nbs/01_heart.ipynb #781bedee
+def _wall_dropout(f, E, drop):
+    "Intermittent dropout of wall segments (beam-parallel walls): the wall fades into the blood pool, `E` in place."
+    if drop is None or not np.any(drop > 0): return
+    near_wall = np.exp(-((f.rho - f.r_endo - 0.4 * f.t_phi) / (1.1 * f.t_phi)) ** 2) * (f.u < f.L + 2 * f.mm)
+    seg = np.zeros(E.shape, np.float32)
+    for phi_k, d_k in zip(WALL_SEGMENTS, drop):
+        if d_k > 0: seg = np.maximum(seg, d_k * np.exp(4.0 * ((f.z * np.exp(-1j * phi_k)).real - 1)))
+    E *= 1 - np.clip(seg * near_wall, 0, 0.97)
+
+# %% ../nbs/01_heart.ipynb #07fdcc43
+def draw_anatomy(patient, acq, phase, X, Y, view, drop=None, shift=(0.0, 0.0)):
+    """One frame at cardiac phase `phase` in [0, 1]: labels (H,W) uint8, echogenicity (H,W), blood mask (H,W) and
     the material coordinates (x0, y0) of every pixel at ED (for speckle carried by the tissue).
     `drop`: per wall segment, the echogenicity lost to dropout in this frame; `shift`: whole-heart translation (px)."""
     H, W = X.shape
-    mm = H / vp['depth_mm']                                         # pixels per mm: depth rescales the anatomy
-    s = 1 - pp['long_short'] * ph                                   # long-axis shortening
-    w_es = np.sqrt((1 - pp['ef']) / (1 - pp['long_short']))
-    L = pp['lv_len'] * mm * s
-    a_ed = pp['lv_width'] * mm / 2 / np.sqrt(1 - pp['beta'] ** 2)
-    a = a_ed * (1 - (1 - w_es) * ph)
-    b = L / (1 + pp['beta'])
-    thick = pp['wall'] * mm * (1 + 0.6 * pp['ef'] * ph)
-    g = vp['tilt']
-    dx, dy = X - vp['apex_x'] - shift[0], Y - vp['apex_y'] - shift[1]
-    u = dx * np.sin(g) + dy * np.cos(g)                             # along the long axis, 0 at the apex
-    v = dx * np.cos(g) - dy * np.sin(g)                             # across it (towards +x)
-    lev, z, rho, r_endo = _ellipse_level(u - b, v, b, a, pp['harm'])
-    if pp['hypo']:                                                  # a hypokinetic region keeps (part of) its ED radius
-        bump = np.exp(pp['hypo_kappa'] * ((z * np.exp(-1j * pp['hypo_phi'])).real - 1))
-        r_endo = r_endo * (1 + pp['hypo_amp'] * bump * (a_ed / a - 1))
-        lev = rho / r_endo
-    cavity = (lev < 1) & (u < L)
-    t_phi = thick * _harmonics(z, [pp['wall_harm']]) * (1 - 0.35 * np.clip(z.real, 0, None) ** 4)
-    epi = rho < r_endo + t_phi
-    myo = epi & ~cavity & (u < L)
-    # left atrium hangs below the mitral plane; it fills during systole
-    ann = a * np.sqrt(1 - pp['beta'] ** 2)                          # annulus half width
-    ann_ed = pp['lv_width'] * mm / 2                                 # the atrium does not follow the LV's contraction
-    a_la = ann_ed * pp['la_scale'] * (0.95 + pp['la_fill'] * ph)
-    b_la = a_la * 1.15
-    la_lev, _, _, _ = _ellipse_level(u - (L + 0.55 * b_la), v + 0.05 * a, b_la, a_la, pp['la_harm'], 1)
-    la = (la_lev < 1) & (u >= L) & ~myo
+    f = _left_atrium(patient, _lv_walls(patient, _lv_frame(patient, acq, phase, X, Y, shift)), phase)
     lab = np.zeros((H, W), np.uint8)
-    lab[cavity] = 1; lab[myo] = 2; lab[la] = 3
-    # material coordinates at ED: undo the long-axis shortening, the lateral contraction near the LV, the translation
-    u0 = np.where(u > 0, u / s, u)
-    k = a_ed / a
-    v0 = v * (1 + (k - 1) * np.exp(-(v / (a + 1.5 * thick)) ** 2) * np.exp(-np.clip(u0 - 1.2 * L / s, 0, None) ** 2 / (0.2 * L) ** 2))
-    x0 = vp['apex_x'] + u0 * np.sin(g) + v0 * np.cos(g)
-    y0 = vp['apex_y'] + u0 * np.cos(g) - v0 * np.sin(g)
-    # the heart slides inside the pericardium: tissue outside it only follows the whole-heart translation
-    inside = ndimage.binary_dilation(epi | la, iterations=max(1, int(round(1.5 * mm))))
-    x0, y0 = np.where(inside, x0, X - shift[0]), np.where(inside, y0, Y - shift[1])
+    lab[f.cavity] = 1; lab[f.myo] = 2; lab[f.la] = 3
+    x0, y0 = _material_coords(f, acq, X, Y, shift)
     # --- echogenicity (mean backscatter) ---
-    tex = ndimage.map_coordinates(vp['tex'], [y0, x0], order=1, mode='reflect')
-    E = vp['tissue'] * (1 + 0.4 * tex)                              # tissue texture, carried by the motion
-    # the pericardium: a bright line outside the epicardium, only along part of it (patchy, faint)
-    peri = (rho > r_endo + t_phi + 0.8 * mm) & (rho < r_endo + t_phi + 3.0 * mm) & (u < L + 3 * mm)
-    vis = np.clip(_harmonics(z[peri], vp['peri_harm'], 1) - 1 + vp['peri_bias'], 0, 1)
-    E[peri] *= 1 + vp['peri_amp'] * vis
-    blood = np.zeros((H, W), bool)
-    if view == '4CH':                                               # right ventricle and atrium, unlabelled
-        a_rv = 0.8 * a
-        rv_v = v + a + thick + a_rv * 0.95 + 0.01 * W
-        rv_lev, _, _, _ = _ellipse_level(u - (0.25 * L + 0.85 * b), rv_v, 0.85 * b, a_rv)
-        rv = (rv_lev < 1) & (u < L) & ~epi
-        ra_lev, _, _, _ = _ellipse_level(u - (L + 0.5 * b_la), rv_v - 0.05 * a, b_la * 0.95, a_rv * 0.9)
-        ra = (ra_lev < 1) & (u >= L + 0.01 * H) & ~la
-        rvw = ((rv_lev < 1.12) & ~rv & (u < L) & ~epi) | ((ra_lev < 1.15) & ~ra & (u > L) & ~la)
-        E[rvw] = vp['myo'] * 0.8
-        E[rv | ra] = vp['blood']; blood |= rv | ra
-    E[la] = vp['blood']
-    la_ring = (la_lev >= 1) & (la_lev < 1.12) & (u > L) & ~myo       # atrial wall, thin and faint
-    E[la_ring] = np.maximum(E[la_ring], 1.1 * vp['tissue'])
-    E[myo] = vp['myo'] * _harmonics(z[myo], pp['myo_tex'], 1).clip(0.5, 1.6) * (1 + 0.3 * tex[myo])
-    E[cavity] = vp['blood']
-    blood |= cavity | la
-    # trabeculae near the endocardium and two papillary muscles: brighter spots *inside* label 1
-    trab = cavity & (lev > 0.86) & ((z ** 9 * np.exp(1j * vp['trab_ph'])).real > 0.3)
-    E[trab] = 0.45 * vp['myo']
-    for side in (-1, 1):
-        d = np.hypot(u - 0.62 * L, v - side * 0.55 * a)
-        pap = cavity & (d < 0.2 * a)
-        E[pap] = 0.6 * vp['myo']
-    # mitral leaflets: hinge at the annulus, open towards the LV at ED, closed (bowing to the LA) at ES
-    ang = np.deg2rad(75) * (1 - np.clip(ph / 0.2, 0, 1))
-    for side in (-1, 1):
-        hinge = np.array([side * ann, L])                          # (v, u)
-        leaf = 0.85 * ann
-        tip = hinge + leaf * np.array([-side * np.cos(ang), -np.sin(ang) + 0.15 * (1 - ang / 1.3)])
-        dd = _seg_dist(v, u, hinge, tip)
-        E[(dd < 0.006 * W + 0.5)] = 0.7 * vp['myo']
-    # intermittent dropout of wall segments (beam-parallel walls): the wall fades into the blood pool
-    if drop is not None and np.any(drop > 0):
-        near_wall = np.exp(-((rho - r_endo - 0.4 * t_phi) / (1.1 * t_phi)) ** 2) * (u < L + 2 * mm)
-        seg = np.zeros((H, W), np.float32)
-        for phi_k, d_k in zip(WALL_SEGMENTS, drop):
-            if d_k > 0: seg = np.maximum(seg, d_k * np.exp(4.0 * ((z * np.exp(-1j * phi_k)).real - 1)))
-        E *= 1 - np.clip(seg * near_wall, 0, 0.97)
+    E, tex = _tissue_echo(f, acq, x0, y0)
+    blood = _right_heart(f, acq, E, H, W) if view == '4CH' else np.zeros((H, W), bool)
+    _left_heart_echo(f, patient, acq, E, tex)
+    blood |= f.cavity | f.la
+    _mitral_leaflets(f, acq, E, phase, W)
+    _wall_dropout(f, E, drop)
     return lab, E, blood, (x0, y0)
-
 
 # %% ../nbs/01_heart.ipynb #6134fe3d
 def _disc_diameters(mask, spacing, n_discs, sub=3):

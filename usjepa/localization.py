@@ -10,7 +10,7 @@ __all__ = ['token_coords', 'relative_offsets', 'sample_pairs', 'LocalizationHead
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
+from .model import _init_weights
 from .masking import check_grid, vjepa_masks, VJEPA_MASKS
 
 # %% ../nbs/08_localization.ipynb #dad648c2
@@ -65,13 +65,7 @@ class LocalizationHead(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(2 * embed_dim, hidden), act_layer(),
                                  nn.Linear(hidden, hidden), act_layer(),
                                  nn.Linear(hidden, 3))
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m):
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            nn.init.zeros_(m.bias)
+        self.apply(_init_weights)                  # V-JEPA's: truncated normal (std 0.02), zero biases
 
     def forward(self, e1: torch.Tensor, e2: torch.Tensor) -> torch.Tensor:
         "(..., D), (..., D) -> (..., 3) predicted Δ of `e1` relative to `e2`."

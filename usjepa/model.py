@@ -19,6 +19,7 @@ from einops import rearrange
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Attention, Block
 from torch.utils.checkpoint import checkpoint
+from fastcore.basics import patch
 
 # %% ../nbs/05_model.ipynb #964a5c71
 def sincos_1d(dim, pos):
@@ -196,66 +197,81 @@ class VisionTransformer(nn.Module):
         self.apply(partial(_init_weights, std=init_std))
         _rescale_blocks(self.blocks)
 
-    def grid_of(self, x):
-        "Token grid of an input clip (B, C, T, H, W), with a clear error for a bad shape."
-        if x.dim() != 5 or x.shape[1] != self.in_chans:
-            raise ValueError(f"expected a clip (B, {self.in_chans}, T, H, W), got shape {tuple(x.shape)}")
-        T, H, W = x.shape[2:]
-        if T % self.tubelet_size or H % self.patch_size or W % self.patch_size:
-            raise ValueError(f"clip size (T={T}, H={H}, W={W}) is not a multiple of the tubelet ({self.tubelet_size}, {self.patch_size}, {self.patch_size})")
-        return (T // self.tubelet_size, H // self.patch_size, W // self.patch_size)
+# %% ../nbs/05_model.ipynb #92b50dd0
+@patch
+def grid_of(self: VisionTransformer, x):
+    "Token grid of an input clip (B, C, T, H, W), with a clear error for a bad shape."
+    if x.dim() != 5 or x.shape[1] != self.in_chans:
+        raise ValueError(f"expected a clip (B, {self.in_chans}, T, H, W), got shape {tuple(x.shape)}")
+    T, H, W = x.shape[2:]
+    if T % self.tubelet_size or H % self.patch_size or W % self.patch_size:
+        raise ValueError(f"clip size (T={T}, H={H}, W={W}) is not a multiple of the tubelet ({self.tubelet_size}, {self.patch_size}, {self.patch_size})")
+    return (T // self.tubelet_size, H // self.patch_size, W // self.patch_size)
 
-    def embed(self, x):
-        "Tokens of a clip, (B, N, D): with the sin-cos table added; RoPE models add nothing (positions enter in attention)."
-        grid = self.grid_of(x)
-        if self.pos_embed is None: return self.patch_embed(x)
-        return self.patch_embed(x) + resize_pos_embed(self.pos_embed, self.grid, grid)
+# %% ../nbs/05_model.ipynb #b1fe0726
+@patch
+def embed(self: VisionTransformer, x):
+    "Tokens of a clip, (B, N, D): with the sin-cos table added; RoPE models add nothing (positions enter in attention)."
+    grid = self.grid_of(x)
+    if self.pos_embed is None: return self.patch_embed(x)
+    return self.patch_embed(x) + resize_pos_embed(self.pos_embed, self.grid, grid)
 
-    def _out_layers(self, out_layers):
-        layers = sorted({int(i) for i in out_layers})
-        if not layers or not 0 <= layers[0] <= layers[-1] < self.depth:
-            raise ValueError(f"out_layers={list(out_layers)} must name blocks in 0..{self.depth - 1}")
-        return layers
+# %% ../nbs/05_model.ipynb #350a947d
+@patch
+def _out_layers(self: VisionTransformer, out_layers):
+    "The distinct block indices of `out_layers`, sorted; each must name a block."
+    layers = sorted({int(i) for i in out_layers})
+    if not layers or not 0 <= layers[0] <= layers[-1] < self.depth:
+        raise ValueError(f"out_layers={list(out_layers)} must name blocks in 0..{self.depth - 1}")
+    return layers
 
-    def encode(self, tokens, idx=None, grid=None, out_layers=None):
-        """Run the blocks and the final norm on tokens (B, K, D) at indices `idx` (B, K) of `grid` (RoPE turns each by its place;
-        default: all tokens of `self.grid`). With `out_layers`: the list of those blocks' outputs, each through the final norm."""
-        rope = None
-        if self.pos_embed_kind == 'rope':
-            grid = tuple(grid or self.grid)
-            if idx is None:
-                if tokens.shape[1] != math.prod(grid):
-                    raise ValueError(f"{tokens.shape[1]} tokens without indices, but grid {grid} has {math.prod(grid)}")
-                idx = torch.arange(tokens.shape[1], device=tokens.device)
-            rope = rope_table(idx, grid, self.embed_dim // self.num_heads, self.rope_variant)
-        if out_layers is None: return self.norm(run_blocks(self.blocks, tokens, self.grad_checkpointing, rope))
-        layers, outs, x = self._out_layers(out_layers), [], tokens
-        for i, blk in enumerate(self.blocks[:layers[-1] + 1]):
-            x = run_blocks([blk], x, self.grad_checkpointing, rope)
-            if i in layers: outs.append(self.norm(x))
-        return outs
+# %% ../nbs/05_model.ipynb #43bd2480
+@patch
+def encode(self: VisionTransformer, tokens, idx=None, grid=None, out_layers=None):
+    """Run the blocks and the final norm on tokens (B, K, D) at indices `idx` (B, K) of `grid` (RoPE turns each by its place;
+    default: all tokens of `self.grid`). With `out_layers`: the list of those blocks' outputs, each through the final norm."""
+    rope = None
+    if self.pos_embed_kind == 'rope':
+        grid = tuple(grid or self.grid)
+        if idx is None:
+            if tokens.shape[1] != math.prod(grid):
+                raise ValueError(f"{tokens.shape[1]} tokens without indices, but grid {grid} has {math.prod(grid)}")
+            idx = torch.arange(tokens.shape[1], device=tokens.device)
+        rope = rope_table(idx, grid, self.embed_dim // self.num_heads, self.rope_variant)
+    if out_layers is None: return self.norm(run_blocks(self.blocks, tokens, self.grad_checkpointing, rope))
+    layers, outs, x = self._out_layers(out_layers), [], tokens
+    for i, blk in enumerate(self.blocks[:layers[-1] + 1]):
+        x = run_blocks([blk], x, self.grad_checkpointing, rope)
+        if i in layers: outs.append(self.norm(x))
+    return outs
 
-    def forward(self, x, masks=None, out_layers=None):
-        """Encode clip `x`; `masks` (B, K) keeps only those tokens (a list of masks shares the tubelet embedding);
-        `out_layers` (block indices) returns those blocks' normalised outputs, as V-JEPA 2's multi-layer evaluation."""
-        tokens, grid = self.embed(x), self.grid_of(x)
-        run = lambda m: self.encode(tokens if m is None else apply_masks(tokens, m), m, grid, out_layers)
-        if isinstance(masks, (list, tuple)): return [run(m) for m in masks]
-        return run(masks)
+# %% ../nbs/05_model.ipynb #2208c305
+@patch
+def forward(self: VisionTransformer, x, masks=None, out_layers=None):
+    """Encode clip `x`; `masks` (B, K) keeps only those tokens (a list of masks shares the tubelet embedding);
+    `out_layers` (block indices) returns those blocks' normalised outputs, as V-JEPA 2's multi-layer evaluation."""
+    tokens, grid = self.embed(x), self.grid_of(x)
+    run = lambda m: self.encode(tokens if m is None else apply_masks(tokens, m), m, grid, out_layers)
+    if isinstance(masks, (list, tuple)): return [run(m) for m in masks]
+    return run(masks)
 
-    def freeze_blocks(self, n):
-        "Freeze the tubelet embedding and the first `n` blocks (the paper's '12b'/'16b' settings); returns self."
-        if not 0 <= n <= self.depth: raise ValueError(f"can freeze 0..{self.depth} blocks, got {n}")
-        for p in self.patch_embed.parameters(): p.requires_grad_(n == 0)
-        for i, blk in enumerate(self.blocks):
-            for p in blk.parameters(): p.requires_grad_(i >= n)
-        self.frozen_blocks = n
-        return self
+# %% ../nbs/05_model.ipynb #66d8b867
+@patch
+def freeze_blocks(self: VisionTransformer, n):
+    "Freeze the tubelet embedding and the first `n` blocks (the paper's '12b'/'16b' settings); returns self."
+    if not 0 <= n <= self.depth: raise ValueError(f"can freeze 0..{self.depth} blocks, got {n}")
+    for p in self.patch_embed.parameters(): p.requires_grad_(n == 0)
+    for i, blk in enumerate(self.blocks):
+        for p in blk.parameters(): p.requires_grad_(i >= n)
+    self.frozen_blocks = n
+    return self
 
-    def set_grad_checkpointing(self, enable=True):
-        "Activation checkpointing (timm's name for it): trade a second forward of each block for memory; returns self."
-        self.grad_checkpointing = bool(enable)
-        return self
+# %% ../nbs/05_model.ipynb #60f02380
+@patch
+def set_grad_checkpointing(self: VisionTransformer, enable=True):
+    "Activation checkpointing (timm's name for it): trade a second forward of each block for memory; returns self."
+    self.grad_checkpointing = bool(enable)
+    return self
 
 # %% ../nbs/05_model.ipynb #fff63409
 MODEL_SIZES = dict(vit_tiny=(192, 12, 3), vit_small=(384, 12, 6), vit_base=(768, 12, 12),
@@ -312,28 +328,32 @@ class Predictor(nn.Module):
         if not zero_init_mask_tokens:
             for t in self.mask_tokens: trunc_normal_(t, std=init_std)
 
-    def forward(self, ctx, ctx_idx, tgt_idx, mask_index=0):
-        "ctx (B, Nc, D) encoder output at ctx_idx (B, Nc) -> predictions (B, Nt, D) at tgt_idx (B, Nt)."
-        if ctx.shape[:2] != ctx_idx.shape: raise ValueError(f"ctx {tuple(ctx.shape)} does not match ctx_idx {tuple(ctx_idx.shape)}")
-        if tgt_idx.dim() != 2 or tgt_idx.shape[0] != ctx_idx.shape[0]:
-            raise ValueError(f"tgt_idx must be (B={ctx_idx.shape[0]}, Nt), got shape {tuple(tgt_idx.shape)}")
-        B, n_ctx = ctx_idx.shape
-        mask_token = self.mask_tokens[mask_index % len(self.mask_tokens)]
-        rope = None
-        if self.predictor_pos_embed is None:     # RoPE: the tokens carry no position, attention turns them by their place
-            x = torch.cat([self.predictor_embed(ctx), mask_token.expand(B, tgt_idx.shape[1], -1)], dim=1)
-            rope = rope_table(torch.cat([ctx_idx, tgt_idx], 1), self.grid, self.predictor_embed_dim // self.num_heads, self.rope_variant)
-        else:
-            pos = self.predictor_pos_embed.expand(B, -1, -1)
-            x = self.predictor_embed(ctx) + apply_masks(pos, ctx_idx)
-            x = torch.cat([x, mask_token + apply_masks(pos, tgt_idx)], dim=1)
-        x = run_blocks(self.predictor_blocks, x, self.grad_checkpointing, rope)
-        return self.predictor_proj(self.predictor_norm(x[:, n_ctx:]))
+# %% ../nbs/05_model.ipynb #3f19d219
+@patch
+def forward(self: Predictor, ctx, ctx_idx, tgt_idx, mask_index=0):
+    "ctx (B, Nc, D) encoder output at ctx_idx (B, Nc) -> predictions (B, Nt, D) at tgt_idx (B, Nt)."
+    if ctx.shape[:2] != ctx_idx.shape: raise ValueError(f"ctx {tuple(ctx.shape)} does not match ctx_idx {tuple(ctx_idx.shape)}")
+    if tgt_idx.dim() != 2 or tgt_idx.shape[0] != ctx_idx.shape[0]:
+        raise ValueError(f"tgt_idx must be (B={ctx_idx.shape[0]}, Nt), got shape {tuple(tgt_idx.shape)}")
+    B, n_ctx = ctx_idx.shape
+    mask_token = self.mask_tokens[mask_index % len(self.mask_tokens)]
+    rope = None
+    if self.predictor_pos_embed is None:     # RoPE: the tokens carry no position, attention turns them by their place
+        x = torch.cat([self.predictor_embed(ctx), mask_token.expand(B, tgt_idx.shape[1], -1)], dim=1)
+        rope = rope_table(torch.cat([ctx_idx, tgt_idx], 1), self.grid, self.predictor_embed_dim // self.num_heads, self.rope_variant)
+    else:
+        pos = self.predictor_pos_embed.expand(B, -1, -1)
+        x = self.predictor_embed(ctx) + apply_masks(pos, ctx_idx)
+        x = torch.cat([x, mask_token + apply_masks(pos, tgt_idx)], dim=1)
+    x = run_blocks(self.predictor_blocks, x, self.grad_checkpointing, rope)
+    return self.predictor_proj(self.predictor_norm(x[:, n_ctx:]))
 
-    def set_grad_checkpointing(self, enable=True):
-        "Activation checkpointing of the predictor's blocks; returns self."
-        self.grad_checkpointing = bool(enable)
-        return self
+# %% ../nbs/05_model.ipynb #1bfba027
+@patch
+def set_grad_checkpointing(self: Predictor, enable=True):
+    "Activation checkpointing of the predictor's blocks; returns self."
+    self.grad_checkpointing = bool(enable)
+    return self
 
 # %% ../nbs/05_model.ipynb #e9ee860f
 def build_predictor(encoder, predictor_embed_dim=384, depth=12, num_mask_tokens=2, num_heads=None, **kw):

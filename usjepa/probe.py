@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from timm.layers import Mlp, trunc_normal_
 from timm.models.vision_transformer import Block
-from .model import sincos_pos_embed_3d
+from .model import sincos_pos_embed_3d, _init_weights
 
 # %% auto #0
 __all__ = ['PROBE_BLOCKS_ON', 'freeze_encoder', 'frozen_features', 'encoder_geometry', 'LayerFeatures', 'CrossAttention',
@@ -110,13 +110,7 @@ class AttentiveProbe(nn.Module):
         if width % num_heads: raise ValueError(f"self-attention blocks of width {width} need num_heads dividing it, got {num_heads}")
         self.blocks = nn.ModuleList([Block(width, num_heads, mlp_ratio, qkv_bias=qkv_bias) for _ in range(depth - 1)])
         trunc_normal_(self.query_tokens, std=init_std)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m):
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None: nn.init.zeros_(m.bias)
+        self.apply(_init_weights)            # V-JEPA's: truncated normal (std 0.02), zero biases, unit LayerNorms
 
     def forward(self, x):
         if x.ndim != 3 or x.shape[-1] != self.embed_dim:

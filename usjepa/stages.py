@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['data_root', 'prepare_data', 'clips', 'check_data', 'check_resume', 'build_models', 'grad_clip_at', 'PretrainingWatch',
            'pretrain', 'pretrained_encoder', 'probe_encoder', 'load_run', 'build_segmenter', 'train_segmenter',
-           'evaluate_split']
+           'score_camus', 'evaluate_split']
 
 # %% ../nbs/18_stages.ipynb #807464bd
 import copy, json, math, time, warnings
@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from .core import progress_bar
 
 from .core import (Dist, ddp, amp_dtype, seed_everything, append_jsonl,
-                         truncate_jsonl, save_torch, write_text_atomic)
+                         truncate_jsonl, save_torch, write_text_atomic, mean_or_nan)
 from .data import CamusClips, find_camus_root, parse_cfg, read_sequence
 from .phantom import write_camus_phantom
 from .masking import vjepa_masks
@@ -28,9 +28,9 @@ from .localization import LocalizationLoss
 from .videomae import build_videomae, load_videomae, save_videomae, videomae_step, videomae_param_groups, VIDEOMAE_STATS
 from .scores import SegMetrics
 from .probe import SegmentationHead, LayerFeatures, freeze_encoder
-from .training import FeatureCache, train_probe, evaluate
+from .training import FeatureCache, ProbeLoop, train_probe, evaluate
 from .baselines import ClipUNet, EndToEnd
-from .config import RunConfig, load_config, END_TO_END, encoder_kwargs, predictor_kwargs, parse_layers
+from .config import RunConfig, load_config, END_TO_END, encoder_kwargs, predictor_kwargs, parse_layers, _views
 from .diagnostics import Diagnostics, collapse_warning
 
 # %% ../nbs/18_stages.ipynb #470236e6
@@ -46,14 +46,14 @@ def prepare_data(c: RunConfig, d: Dist = Dist()) -> Path:
     if c.data_dir: return root
     if d.is_main:
         write_camus_phantom(root, n_patients=c.synthetic_patients, seed=0, size=(c.synthetic_size,) * 2,
-                            views=tuple(c.views.split(',')), progress=c.progress)
+                            views=_views(c.views), progress=c.progress)
     d.barrier()
     return root
 
 # %% ../nbs/18_stages.ipynb #7682b712
 def clips(c: RunConfig, root, split, mode, label_fraction=1.0) -> CamusClips:
     "The `CamusClips` a stage reads."
-    return CamusClips(root, split=split, views=tuple(c.views.split(',')), img_size=c.img_size, num_frames=c.num_frames,
+    return CamusClips(root, split=split, views=_views(c.views), img_size=c.img_size, num_frames=c.num_frames,
                       frame_step=c.frame_step, label_fraction=label_fraction, mode=mode, seed=c.seed,
                       augment=c.augment)
 
@@ -62,7 +62,7 @@ def check_data(c: RunConfig, root) -> dict:
     "Build the train, val and test data sets and decode each of their sequences once; returns the clip counts."
     counts = {}
     for split in ('train', 'val', 'test'):
-        try: ds = CamusClips(root, split=split, views=tuple(c.views.split(',')), img_size=c.img_size,
+        try: ds = CamusClips(root, split=split, views=_views(c.views), img_size=c.img_size,
                              num_frames=c.num_frames, frame_step=c.frame_step, mode='eval', seed=c.seed, cache=False)
         except (FileNotFoundError, ValueError) as e: raise ValueError(f"the {split} split of {root} is unusable: {e}") from e
         for s in progress_bar(range(len(ds.sequences)), desc=f'checking {split} data', disable=not c.progress, leave=False):
@@ -106,7 +106,7 @@ def grad_clip_at(c: RunConfig, epoch: int):
 class PretrainingWatch:
     "The diagnostics of a pretraining (main process, `c.diagnostics`): the initial state, then one set of measures per epoch."
     def __init__(self, c: RunConfig, root, model, d: Dist = Dist()):
-        self.on, self.mae = c.diagnostics and d.is_main, c.method == 'videomae'
+        self.on, self.is_videomae = c.diagnostics and d.is_main, c.method == 'videomae'   # VideoMAE: no EMA target
         self.path, self.first = Path(c.out_dir) / 'diagnostics_init.json', None
         if not self.on: return
         self.init = copy.deepcopy(model.encoder).requires_grad_(False)          # the encoder before any step
@@ -124,13 +124,13 @@ class PretrainingWatch:
         if not self.on: return
         if self.path.exists(): self.first = json.loads(self.path.read_text())
         else:
-            self.first = self.measure(self.init, online=None if self.mae else self.init)
+            self.first = self.measure(self.init, online=None if self.is_videomae else self.init)
             write_text_atomic(self.path, json.dumps(self.first, indent=1))
 
     def __call__(self, model, epoch) -> dict:
         "This epoch's measures (empty when off); warns when the run collapses."
         if not self.on: return {}
-        row = self.measure(model.encoder, None) if self.mae else self.measure(model.target_encoder, model.encoder)
+        row = self.measure(model.encoder, None) if self.is_videomae else self.measure(model.target_encoder, model.encoder)
         msg = collapse_warning(self.first, dict(row, epoch=epoch))
         if msg:
             print(f"\n*** {msg} ***\n")
@@ -146,11 +146,6 @@ def _check_finite(stage, epoch, step, row, ckpt_path):
         raise FloatingPointError(f"{stage} diverged at epoch {epoch}, step {step}: {bad}; {kept}. "
                                  "This folder's parameters would diverge again: start a new run (another out_dir) with a lower "
                                  "learning rate or a smaller clip_grad, or initialise it from this checkpoint.")
-
-# %% ../nbs/18_stages.ipynb #a025f893
-def _mean(xs):
-    "Plain mean (a NaN step shows as a NaN epoch, never hidden); NaN for no steps, without numpy's warning."
-    return sum(xs) / len(xs) if xs else math.nan
 
 # %% ../nbs/18_stages.ipynb #caf18b69
 def _resume_pretraining(c: RunConfig, model, opt, aux, ckpt_path) -> int:
@@ -187,6 +182,22 @@ def _save_pretraining(c: RunConfig, path, model, opt, aux, epoch, row, d: Dist):
     if c.method == 'videomae': save_videomae(path, model, **meta)
     else: save_checkpoint(path, model.encoder, model.target_encoder, model.predictor, **meta, **({} if aux is None else dict(aux=aux)))
 
+# %% ../nbs/18_stages.ipynb #56e8360a
+def _pretrain_optimizer(c: RunConfig, model, aux, d: Dist):
+    "AdamW over the model's parameter groups and the localization head's (fused on CUDA); `pretrain_step` schedules them."
+    groups = videomae_param_groups(model, c.weight_decay) if c.method == 'videomae' else param_groups(model, c.weight_decay)
+    return torch.optim.AdamW(groups + ([] if aux is None else param_groups(aux, c.weight_decay)),
+                             **({'fused': True} if d.device.startswith('cuda') else {}))
+
+# %% ../nbs/18_stages.ipynb #16050cde
+def _pretrain_loader(c: RunConfig, root, d: Dist):
+    "This process's shard of random training clips, whole batches only: `(sampler, loader)`; `sampler.set_epoch` reshuffles."
+    ds = clips(c, root, 'train', 'train')
+    sampler = DistributedSampler(ds, num_replicas=d.world, rank=d.rank, shuffle=True, seed=c.seed, drop_last=True)
+    dl = DataLoader(ds, batch_size=c.batch_size, sampler=sampler, num_workers=c.num_workers, drop_last=True)
+    if len(dl) == 0: raise ValueError(f"{len(ds)} training clips are fewer than batch_size={c.batch_size} x {d.world} processes")
+    return sampler, dl
+
 # %% ../nbs/18_stages.ipynb #89a53af9
 def pretrain(c: RunConfig, root, d: Dist = Dist(), on_epoch_end=None):
     "V-JEPA (+ localization) or VideoMAE pretraining with per-epoch checkpoints and diagnostics; returns the trained model."
@@ -199,16 +210,11 @@ def pretrain(c: RunConfig, root, d: Dist = Dist(), on_epoch_end=None):
     model.to(d.device)
     watch = PretrainingWatch(c, root, model, d)                   # before the resume: it keeps the initial encoder
     aux = LocalizationLoss(model.encoder.embed_dim, model.grid, n_pairs=c.n_pairs, on=c.ll_on).to(d.device) if c.lam < 1 else None
-    groups = videomae_param_groups(model, c.weight_decay) if c.method == 'videomae' else param_groups(model, c.weight_decay)
-    opt = torch.optim.AdamW(groups + ([] if aux is None else param_groups(aux, c.weight_decay)),
-                            **({'fused': True} if d.device.startswith('cuda') else {}))
+    opt = _pretrain_optimizer(c, model, aux, d)
     start = _resume_pretraining(c, model, opt, aux, ckpt_path)
     if d.is_main: truncate_jsonl(log_path, 'epoch', start)
     if start >= c.pretrain_epochs: return model
-    ds = clips(c, root, 'train', 'train')
-    sampler = DistributedSampler(ds, num_replicas=d.world, rank=d.rank, shuffle=True, seed=c.seed, drop_last=True)
-    dl = DataLoader(ds, batch_size=c.batch_size, sampler=sampler, num_workers=c.num_workers, drop_last=True)
-    if len(dl) == 0: raise ValueError(f"{len(ds)} training clips are fewer than batch_size={c.batch_size} x {d.world} processes")
+    sampler, dl = _pretrain_loader(c, root, d)
     steps, warm = c.pretrain_epochs * len(dl), c.warmup_epochs * len(dl)
     step_fn, stats = _step_function(c, model, opt, aux, d)
     watch.start()
@@ -224,7 +230,7 @@ def pretrain(c: RunConfig, root, d: Dist = Dist(), on_epoch_end=None):
                                 ipe_scale=c.ipe_scale, ema_half_life=c.ema_half_life)
             rows.append(step_fn(b['video'].to(d.device, non_blocking=True), sched, clip, gen))
             _check_finite('pretrain', epoch, i, rows[-1], ckpt_path)
-        row = dict(epoch=epoch, step=(epoch + 1) * len(dl), **{k: _mean([r[k] for r in rows]) for k in stats},
+        row = dict(epoch=epoch, step=(epoch + 1) * len(dl), **{k: mean_or_nan([r[k] for r in rows]) for k in stats},
                    lr=opt.param_groups[0]['lr'])
         bar.set_postfix(loss=f"{row['loss']:.4f}")
         if d.is_main:
@@ -316,10 +322,10 @@ def train_segmenter(c: RunConfig, root, encoder, d: Dist = Dist(), on_epoch_end=
             save_torch(ckpt_path, dict(head=head.state_dict(), opt=opt.state_dict(), epoch=epoch))
         d.barrier()
         if on_epoch_end is not None: on_epoch_end('probe', epoch, row)
+    loop = ProbeLoop(opt=opt, start_epoch=start, on_epoch_end=epoch_end, forward=ddp(head, d),
+                     epoch_generator=lambda e: torch.Generator().manual_seed(seed_everything(c.seed, 4, e, d.rank)))
     train_probe(head, feats, epochs=c.probe_epochs, lr=c.probe_lr, final_lr=0., batch_size=c.probe_batch_size,
-                device=d.device, amp_dtype=dtype, opt=opt, start_epoch=start, forward=ddp(head, d),
-                epoch_generator=lambda e: torch.Generator().manual_seed(seed_everything(c.seed, 4, e, d.rank)),
-                on_epoch_end=epoch_end, progress=c.progress and d.is_main)
+                device=d.device, amp_dtype=dtype, progress=c.progress and d.is_main, loop=loop)
     return head
 
 # %% ../nbs/18_stages.ipynb #9f600ce6
@@ -335,14 +341,18 @@ def _reference(ds: CamusClips):
         return held[patient, view]
     return reference
 
-# %% ../nbs/18_stages.ipynb #1b16883b
-def evaluate_split(c: RunConfig, root, encoder, head, d: Dist = Dist(), split='test') -> SegMetrics:
-    "Overlap, contour distances, ED/ES tags and ejection fraction on every frame of `split`, as CAMUS scores them."
-    ds = clips(c, root, split, 'eval')
+# %% ../nbs/18_stages.ipynb #194c3ce9
+def score_camus(head, ds: CamusClips, encoder=None, **kw) -> SegMetrics:
+    """Score `head` on every frame of `ds` as CAMUS does: at each file's own size and spacing, each sequence's ED/ES
+    frames and the patient's EF read from its `Info_*.cfg`; `kw` go to `usjepa.training.evaluate`."""
     cfgs = {(q['patient'], q['view']): parse_cfg(q['files']['cfg']) for q in ds.sequences}
     ed_es = {k: dict(ED=int(v['ED']) - 1, ES=int(v['ES']) - 1) for k, v in cfgs.items() if 'ED' in v and 'ES' in v}
     ef = {p: float(v['EF']) for (p, _), v in cfgs.items() if 'EF' in v}
-    metrics = SegMetrics(ed_es=ed_es, reference_ef=ef)
-    return evaluate(head.to(d.device), ds, encoder=None if encoder is None else encoder.to(d.device), metrics=metrics, batch_size=c.probe_batch_size,
-                    amp_dtype=amp_dtype(c.precision, d.device), num_workers=c.num_workers, progress=c.progress,
-                    reference=_reference(ds), resolution=c.eval_resolution)
+    return evaluate(head, ds, encoder=encoder, metrics=SegMetrics(ed_es=ed_es, reference_ef=ef), reference=_reference(ds), **kw)
+
+# %% ../nbs/18_stages.ipynb #1b16883b
+def evaluate_split(c: RunConfig, root, encoder, head, d: Dist = Dist(), split='test') -> SegMetrics:
+    "Overlap, contour distances, ED/ES tags and ejection fraction on every frame of `split`, as CAMUS scores them."
+    return score_camus(head.to(d.device), clips(c, root, split, 'eval'), None if encoder is None else encoder.to(d.device),
+                       batch_size=c.probe_batch_size, amp_dtype=amp_dtype(c.precision, d.device), num_workers=c.num_workers,
+                       progress=c.progress, resolution=c.eval_resolution)

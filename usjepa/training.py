@@ -5,6 +5,8 @@
 # %% ../nbs/14_training.ipynb #5121360f
 from __future__ import annotations
 import math, time
+from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 import numpy as np
 import torch
@@ -12,16 +14,17 @@ import torch.nn.functional as F
 from .core import progress_bar
 from .metrics import native_labels
 from .scores import SegMetrics
-from .core import save_torch
+from .core import save_torch, fingerprint
 from .vjepa import cosine
 from .core import read_jsonl
 from .data import denormalise
 from .viz import show_frames
 from .probe import freeze_encoder, frozen_features, encoder_geometry
+from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['InMemoryClips', 'FeatureCache', 'seg_loss', 'probe_epoch', 'train_probe', 'predict_logits', 'predict', 'evaluate',
-           'plot_losses', 'qualitative_figure']
+__all__ = ['InMemoryClips', 'FeatureCache', 'seg_loss', 'probe_epoch', 'ProbeLoop', 'train_probe', 'predict_logits', 'predict',
+           'evaluate', 'plot_losses', 'qualitative_figure']
 
 # %% ../nbs/14_training.ipynb #6e1f0103
 class InMemoryClips(torch.utils.data.Dataset):
@@ -34,13 +37,6 @@ class InMemoryClips(torch.utils.data.Dataset):
         return dict(video=self.video[i], labels=self.labels[i], valid=self.valid[i],
                     frame_idx=torch.arange(self.labels.shape[1]), patient=f"clip{i:04d}", view='4CH')
 
-# %% ../nbs/14_training.ipynb #55598766
-def _fingerprint(encoder):
-    "Cheap identity of the encoder's weights: an order-sensitive weighted sum over all parameters."
-    ps = list(encoder.parameters())
-    with torch.no_grad():
-        return [float(sum((k + 1) * p.double().sum() for k, p in enumerate(ps))), sum(p.numel() for p in ps)]
-
 # %% ../nbs/14_training.ipynb #71b675c7
 class FeatureCache(torch.utils.data.Dataset):
     "Frozen-encoder features (+ labels, valid mask, ids) for every clip of a dataset, in memory or on disk."
@@ -51,7 +47,7 @@ class FeatureCache(torch.utils.data.Dataset):
         self.path = Path(path) if path is not None else None
         grid, embed_dim, tubelet, patch = encoder_geometry(encoder)
         self.meta = dict(grid=list(grid), embed_dim=embed_dim, tubelet=tubelet, patch=patch,
-                         n_clips=len(dataset) * repeats, encoder=_fingerprint(encoder), dtype=str(dtype))
+                         n_clips=len(dataset) * repeats, encoder=fingerprint(encoder), dtype=str(dtype))
         if self.path is not None and self.path.exists():
             self._load(); return
         if self.path is not None and not self.path.parent.is_dir():
@@ -59,48 +55,64 @@ class FeatureCache(torch.utils.data.Dataset):
         self.data = self._compute(encoder, dataset, batch_size, device, dtype, repeats, amp_dtype, num_workers, progress)
         if self.path is not None: self._save()
 
-    def _compute(self, encoder, dataset, batch_size, device, dtype, repeats, amp_dtype, num_workers, progress):
-        freeze_encoder(encoder)
-        device = torch.device(device) if device is not None else next(encoder.parameters()).device
-        encoder.to(device)
-        dl = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-        out = {k: [] for k in self.keys + ('patient', 'view')}
-        bar = progress_bar(total=len(dl) * repeats, desc='encoding clips', disable=not progress)
-        for _ in range(repeats):
-            for b in dl:
-                out['features'].append(frozen_features(encoder, b['video'].to(device), amp_dtype).to('cpu', dtype))
-                out['labels'].append(b['labels'].to(torch.uint8))
-                out['valid'].append(b.get('valid', torch.ones(b['labels'].shape[:2], dtype=torch.bool)).bool())
-                out['frame_idx'].append(b.get('frame_idx', torch.arange(b['labels'].shape[1]).expand(b['labels'].shape[:2])).long())
-                n = len(b['labels'])
-                out['patient'] += [str(p) for p in b.get('patient', ['?'] * n)]
-                out['view'] += [str(v) for v in b.get('view', ['?'] * n)]
-                bar.update()
-        bar.close()
-        return {k: (torch.cat(v) if k in self.keys else v) for k, v in out.items()}
+# %% ../nbs/14_training.ipynb #ebb7935b
+@patch
+def _compute(self: FeatureCache, encoder, dataset, batch_size, device, dtype, repeats, amp_dtype, num_workers, progress):
+    "Run the frozen encoder over `repeats` passes of `dataset`: features (cast to `dtype`, on the CPU), labels, valid, ids."
+    freeze_encoder(encoder)
+    device = torch.device(device) if device is not None else next(encoder.parameters()).device
+    encoder.to(device)
+    dl = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    out = {k: [] for k in self.keys + ('patient', 'view')}
+    bar = progress_bar(total=len(dl) * repeats, desc='encoding clips', disable=not progress)
+    for _ in range(repeats):
+        for b in dl:
+            out['features'].append(frozen_features(encoder, b['video'].to(device), amp_dtype).to('cpu', dtype))
+            out['labels'].append(b['labels'].to(torch.uint8))
+            out['valid'].append(b.get('valid', torch.ones(b['labels'].shape[:2], dtype=torch.bool)).bool())
+            out['frame_idx'].append(b.get('frame_idx', torch.arange(b['labels'].shape[1]).expand(b['labels'].shape[:2])).long())
+            n = len(b['labels'])
+            out['patient'] += [str(p) for p in b.get('patient', ['?'] * n)]
+            out['view'] += [str(v) for v in b.get('view', ['?'] * n)]
+            bar.update()
+    bar.close()
+    return {k: (torch.cat(v) if k in self.keys else v) for k, v in out.items()}
 
-    def _save(self):
-        save_torch(self.path, dict(meta=self.meta, **self.data))
+# %% ../nbs/14_training.ipynb #1cbc8ea2
+@patch
+def _save(self: FeatureCache):
+    "Write the meta and the data in one `torch.save` file, atomically."
+    save_torch(self.path, dict(meta=self.meta, **self.data))
 
-    def _load(self):
-        d = torch.load(self.path, map_location='cpu', weights_only=True, mmap=True)
-        diff = [k for k in self.meta if d['meta'].get(k) != self.meta[k]]
-        if diff:
-            raise ValueError(f"feature cache {self.path} was made with different {diff} "
-                             f"({[d['meta'].get(k) for k in diff]} vs {[self.meta[k] for k in diff]}); "
-                             "delete it or pass another path")
-        self.data = {k: v for k, v in d.items() if k != 'meta'}
+# %% ../nbs/14_training.ipynb #738feb57
+@patch
+def _load(self: FeatureCache):
+    "Reload a saved cache memory-mapped; refuse one whose meta (encoder, grid, clips, dtype) differ."
+    d = torch.load(self.path, map_location='cpu', weights_only=True, mmap=True)
+    diff = [k for k in self.meta if d['meta'].get(k) != self.meta[k]]
+    if diff:
+        raise ValueError(f"feature cache {self.path} was made with different {diff} "
+                         f"({[d['meta'].get(k) for k in diff]} vs {[self.meta[k] for k in diff]}); "
+                         "delete it or pass another path")
+    self.data = {k: v for k, v in d.items() if k != 'meta'}
 
-    def __len__(self): return len(self.data['labels'])
+# %% ../nbs/14_training.ipynb #116f4f4b
+@patch
+def __len__(self: FeatureCache): return len(self.data['labels'])
 
-    def __getitem__(self, i):
-        d = self.data
-        return dict(features=d['features'][i].float(), labels=d['labels'][i].long(), valid=d['valid'][i],
-                    frame_idx=d['frame_idx'][i], patient=d['patient'][i], view=d['view'][i])
+# %% ../nbs/14_training.ipynb #9f82a98f
+@patch
+def __getitem__(self: FeatureCache, i):
+    "Clip `i` as `CamusClips` gives it, with `features` (float32) in place of `video`."
+    d = self.data
+    return dict(features=d['features'][i].float(), labels=d['labels'][i].long(), valid=d['valid'][i],
+                frame_idx=d['frame_idx'][i], patient=d['patient'][i], view=d['view'][i])
 
-    def __repr__(self):
-        f = self.data['features']
-        return f"FeatureCache({len(self)} clips, features {tuple(f.shape[1:])} {f.dtype}, path={self.path})"
+# %% ../nbs/14_training.ipynb #6e2d6a21
+@patch
+def __repr__(self: FeatureCache):
+    f = self.data['features']
+    return f"FeatureCache({len(self)} clips, features {tuple(f.shape[1:])} {f.dtype}, path={self.path})"
 
 # %% ../nbs/14_training.ipynb #cf32733b
 def _loader(data, batch_size, shuffle, generator=None, num_workers=0):
@@ -149,32 +161,42 @@ def probe_epoch(head, data, opt, *, lr_at=None, step=0, encoder=None, device=Non
         n += len(feats)
     return dict(loss=tot / max(n, 1), lr=lrs, step=step)
 
+# %% ../nbs/14_training.ipynb #8d79c2f3
+@dataclass
+class ProbeLoop:
+    "What a resumable, multi-process run hands `train_probe` (every field optional; the defaults train from scratch)."
+    opt: torch.optim.Optimizer | None = None    # a restored optimiser (default: a fresh AdamW)
+    start_epoch: int = 0                        # the first epoch to run: the lr is a function of the global step, so it continues
+    epoch_generator: Callable | None = None     # epoch -> the generator that shuffles it (default: `generator`, carried over)
+    on_epoch_end: Callable | None = None        # (epoch, row) after each epoch: the run writes its log row and checkpoint
+    forward: torch.nn.Module | None = None      # the module that runs the forward pass, when it wraps `head` (DDP)
+
 # %% ../nbs/14_training.ipynb #d6bf4c2b
 def train_probe(head, data, epochs=20, lr=1e-3, final_lr=0.0, weight_decay=0.01, batch_size=4, *, encoder=None,
-                device=None, amp_dtype=None, generator=None, epoch_generator=None, opt=None, start_epoch=0,
-                on_epoch_end=None, forward=None, num_workers=0, progress=True) -> dict:
+                device=None, amp_dtype=None, generator=None, num_workers=0, progress=True, loop: ProbeLoop | None = None) -> dict:
     "Train `head` on frozen features (or video + `encoder`) with cross-entropy, AdamW and a cosine lr `lr -> final_lr`."
     if epochs < 1: raise ValueError(f"epochs must be >= 1, got {epochs}")
     if len(data) == 0: raise ValueError("no training clips: the dataset is empty")
+    loop = loop if loop is not None else ProbeLoop()
     device = torch.device(device) if device is not None else next(head.parameters()).device
     head.to(device).train()
     if encoder is not None: freeze_encoder(encoder).to(device)
-    if opt is None:
-        opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    opt = loop.opt if loop.opt is not None else torch.optim.AdamW(
+        [p for p in head.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
     n_batches = math.ceil(len(data) / batch_size)
     total = epochs * n_batches
     hist, t0 = dict(loss=[], lr=[], seconds=0.0), time.perf_counter()
-    bar = progress_bar(range(start_epoch, epochs), desc='probe', disable=not progress)
+    bar = progress_bar(range(loop.start_epoch, epochs), desc='probe', disable=not progress)
     for epoch in bar:
-        gen = epoch_generator(epoch) if epoch_generator is not None else generator
+        gen = loop.epoch_generator(epoch) if loop.epoch_generator is not None else generator
         dl = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, generator=gen, num_workers=num_workers)
-        try: r = probe_epoch(forward or head, dl, opt, lr_at=lambda s: cosine(s, total, lr, final_lr),
+        try: r = probe_epoch(loop.forward or head, dl, opt, lr_at=lambda s: cosine(s, total, lr, final_lr),
                              step=epoch * n_batches, encoder=encoder, device=device, amp_dtype=amp_dtype)
         except FloatingPointError as e: raise FloatingPointError(f"probe diverged in epoch {epoch}: {e}") from None
         hist['loss'].append(r['loss'])
         hist['lr'] += r['lr']
         bar.set_postfix(loss=f"{r['loss']:.4f}")
-        if on_epoch_end is not None: on_epoch_end(epoch, dict(epoch=epoch, loss=r['loss'], lr=r['lr'][-1]))
+        if loop.on_epoch_end is not None: loop.on_epoch_end(epoch, dict(epoch=epoch, loss=r['loss'], lr=r['lr'][-1]))
     hist['seconds'] = time.perf_counter() - t0
     return hist
 
