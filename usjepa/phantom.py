@@ -41,38 +41,38 @@ def _speckle(rng, coords, blood, sigma, rho):
     return amp
 
 # %% ../nbs/02_phantom.ipynb #5fa60a44
-def _fit_in_fan(pp, vp, X, Y, view, ox, oy, margin_deg=3.0, pad=0.0):
+def _fit_in_fan(patient, acq, X, Y, view, ox, oy, margin_deg=3.0, pad=0.0):
     """Translate the heart (apex_x, apex_y in place) so that its labels at ED and ES lie inside the fan, as a
     sonographer would. Views drawn with `la_cut` (and hearts too big for the fan) keep only the LV inside:
     the sector then ends across the atrium, which is cut as in many CAMUS views. `pad` (px): room for the heart's motion.
     Returns whether the LV fits (if not, the caller images deeper)."""
-    H = X.shape[0]; tmax = np.tan(vp['half_angle'] - np.deg2rad(margin_deg))
-    labs = [draw_anatomy(pp, vp, ph, X, Y, view)[0] for ph in (0.0, 1.0)]
+    H = X.shape[0]; tmax = np.tan(acq['half_angle'] - np.deg2rad(margin_deg))
+    labs = [draw_anatomy(patient, acq, phase, X, Y, view)[0] for phase in (0.0, 1.0)]
     m = np.zeros(X.shape, bool)
-    for lab in labs: m |= (lab > 0) if not vp['la_cut'] else (lab == 1) | (lab == 2)
+    for lab in labs: m |= (lab > 0) if not acq['la_cut'] else (lab == 1) | (lab == 2)
     if pad >= 1: m = ndimage.binary_dilation(m, iterations=int(round(pad)))
     xs, ys = X[m] - ox, Y[m] - oy
     right, left = (xs - ys * tmax).max(), (-xs - ys * tmax).max()    # > 0: outside on that side
     # moving down by dy widens the fan by dy*tmax on each side; then any dx in [lo, hi] fits
     dy = max(0.0, (right + left) / (2 * tmax)) + (0.5 if right + left > 0 else 0.0)
-    dy = min(dy, max(0.0, vp['depth'] - 0.03 * H - np.hypot(xs, ys + dy).max() + dy))  # but stay above the fan's bottom
+    dy = min(dy, max(0.0, acq['depth'] - 0.03 * H - np.hypot(xs, ys + dy).max() + dy))  # but stay above the fan's bottom
     lo, hi = left - dy * tmax, dy * tmax - right
     dx = float(np.clip(0.0, lo, hi)) if lo <= hi else (lo + hi) / 2              # the smallest shift that fits
-    deep = np.hypot(xs + dx, ys + dy).max() - (vp['depth'] - 0.03 * H)
-    if deep > 0 and not vp['la_cut']:                                           # the whole heart does not fit: cut the LA
-        vp['la_cut'] = True
-        return _fit_in_fan(pp, vp, X, Y, view, ox, oy, margin_deg, pad)
+    deep = np.hypot(xs + dx, ys + dy).max() - (acq['depth'] - 0.03 * H)
+    if deep > 0 and not acq['la_cut']:                                           # the whole heart does not fit: cut the LA
+        acq['la_cut'] = True
+        return _fit_in_fan(patient, acq, X, Y, view, ox, oy, margin_deg, pad)
     fits = lo <= hi and deep <= 0
-    if deep > 0: dy -= min(deep, max(0.0, vp['apex_y'] + dy - 0.07 * H - pad))   # too deep: move up (the apex stays in)
-    vp['apex_x'] += dx; vp['apex_y'] += dy
-    if vp['la_cut']:                                                            # the sector ends across the LA
+    if deep > 0: dy -= min(deep, max(0.0, acq['apex_y'] + dy - 0.07 * H - pad))   # too deep: move up (the apex stays in)
+    acq['apex_x'] += dx; acq['apex_y'] += dy
+    if acq['la_cut']:                                                            # the sector ends across the LA
         la = np.zeros(X.shape, bool)
         for lab in labs: la |= lab == 3
         if la.any():
             r = np.hypot(X[la] - ox - dx, Y[la] - oy - dy)
-            cut = r.max() - vp['la_cut_frac'] * (r.max() - r.min())
+            cut = r.max() - acq['la_cut_frac'] * (r.max() - r.min())
             lv = np.hypot(xs + dx, ys + dy).max() + 0.02 * H
-            vp['depth'] = float(np.clip(cut, lv, vp['depth']))
+            acq['depth'] = float(np.clip(cut, lv, acq['depth']))
     return fits
 
 
@@ -87,38 +87,38 @@ def _size(size):
         raise ValueError(f"size must be an int (square images) or a pair (H, W) of ints; got {size!r}") from None
 
 # %% ../nbs/02_phantom.ipynb #426dcdb2
-def _translation(vp, P, n_frames, H):
+def _translation(acq, params, n_frames, H):
     "Whole-heart shift per frame (respiration, probe motion): a smooth path of amplitude `translation_mm`, 0 at the first frame."
     t = np.linspace(0, 1, n_frames)[:, None]
-    amp = P.translation_mm * H / vp['depth_mm'] / 2
-    shift = amp * (vp['trans'][:, 0] * np.sin(np.pi * t + vp['trans_ph'][:, 0]) + vp['trans'][:, 1] * np.sin(2.3 * np.pi * t + vp['trans_ph'][:, 1]))
+    amp = params.translation_mm * H / acq['depth_mm'] / 2
+    shift = amp * (acq['trans'][:, 0] * np.sin(np.pi * t + acq['trans_ph'][:, 0]) + acq['trans'][:, 1] * np.sin(2.3 * np.pi * t + acq['trans_ph'][:, 1]))
     return shift - shift[0]
 
 # %% ../nbs/02_phantom.ipynb #39862d37
-def _dropout(rng, vp, P, n_frames, view):
+def _dropout(rng, acq, params, n_frames, view):
     "Which wall segments drop out in each frame `(F, segments)` (a two-state chain over the frames; the lateral wall more often), and how deep."
     side = np.sign(WALL_SEGMENTS) * (1 if view == '4CH' else rng.choice([-1, 1]))
-    p_on = np.clip(vp['drop'] * np.where(side > 0, 1.5, 0.6), 0, 0.95)
-    depth = rng.uniform(*P.dropout_depth, len(WALL_SEGMENTS))
+    p_on = np.clip(acq['drop'] * np.where(side > 0, 1.5, 0.6), 0, 0.95)
+    depth = rng.uniform(*params.dropout_depth, len(WALL_SEGMENTS))
     on = np.zeros((n_frames, len(WALL_SEGMENTS)), bool); on[0] = rng.random(len(WALL_SEGMENTS)) < p_on
     for f in range(1, n_frames):                                      # keeps its state with probability 0.2: intermittent
         on[f] = np.where(rng.random(len(WALL_SEGMENTS)) < 0.2, on[f - 1], rng.random(len(WALL_SEGMENTS)) < p_on)
     return on, depth
 
 # %% ../nbs/02_phantom.ipynb #892bb1ba
-def _shadow(rng, vp, r, th, H):
+def _shadow(rng, acq, r, th, H):
     "Multiplicative acoustic shadow of a rib: a wedge at a random angle, starting at a random depth."
-    th0 = rng.uniform(-0.8, 0.8) * vp['half_angle']; wid = np.deg2rad(rng.uniform(3, 7))
+    th0 = rng.uniform(-0.8, 0.8) * acq['half_angle']; wid = np.deg2rad(rng.uniform(3, 7))
     r0 = rng.uniform(0.1, 0.35) * H; depth_f = rng.uniform(0.15, 0.45)
     wedge = np.clip(1 - np.abs(th - th0) / wid, 0, 1) ** 0.5 * np.clip((r - r0) / (0.05 * H), 0, 1)
     return 1 - (1 - depth_f) * wedge
 
 # %% ../nbs/02_phantom.ipynb #959c6d94
-def _near_field_clutter(rng, vp, r, r_apex, H, W, sc):
+def _near_field_clutter(rng, acq, r, r_apex, H, W, sc):
     "Apical near-field clutter: static (fixed to the probe), over the apex and the top of the cavity."
     near = np.exp(-(np.clip(r - 0.04 * H, 0, None) / (r_apex + 0.12 * H)) ** 2 * 2)
     clut = np.clip(smooth_noise(rng, (H, W), 2.5 * sc) + 0.3, 0, None) * np.clip(smooth_noise(rng, (H, W), 12 * sc) + 1, 0, None)
-    return vp['clutter'] * vp['tissue'] * near * clut
+    return acq['clutter'] * acq['tissue'] * near * clut
 
 # %% ../nbs/02_phantom.ipynb #f6ee2481
 def _reverb_ghost(E0, r, th, r_apex, ox, oy, H):
@@ -129,23 +129,23 @@ def _reverb_ghost(E0, r, th, r_apex, ox, oy, H):
     return ndimage.map_coordinates(E0, [gy, gx], order=1, mode='constant') * (rr > 0)
 
 # %% ../nbs/02_phantom.ipynb #b1763abe
-def _log_compress(A, vp):
+def _log_compress(A, acq):
     "Log compression of the echo amplitude `A` into [0, 1]: dB, the dynamic range, then a display gamma."
-    db = 20 * np.log10(A * vp['gain'] + 1e-6)
-    return np.clip((db + vp['dyn_range']) / vp['dyn_range'], 0, 1) ** vp['gamma']
+    db = 20 * np.log10(A * acq['gain'] + 1e-6)
+    return np.clip((db + acq['dyn_range']) / acq['dyn_range'], 0, 1) ** acq['gamma']
 
 # %% ../nbs/02_phantom.ipynb #55785ca3
-def _sequence_info(pp, vp, n_frames, H, ox, oy, dropout):
+def _sequence_info(patient, acq, n_frames, H, ox, oy, dropout):
     "The sequence's `Info_<view>.cfg` fields (ED, ES, NbFrame, …) plus its geometry and artefact levels."
-    ed, es = (n_frames, 1) if vp['reverse'] else (1, n_frames)
-    spacing = vp['depth_mm'] / H
-    return dict(ED=ed, ES=es, NbFrame=n_frames, Sex=pp['sex'], Age=pp['age'], ImageQuality=vp['quality'],
-                EF=round(100 * pp['ef'], 1), FrameRate=vp['frame_rate'],
-                spacing=(spacing, spacing), fan=dict(origin=(oy, ox), half_angle=float(vp['half_angle']), depth=float(vp['depth'])),
-                quality_score=round(vp['score'], 3),
-                artefacts=dict(myo_contrast=vp['myo_c'], blood=vp['blood_c'], clutter=vp['clutter'], reverb=vp['reverb'],
-                               noise=vp['noise'], dropout=float(dropout), shadow=bool(vp['shadow']), la_cut=vp['la_cut'],
-                               hypokinesis=bool(pp['hypo'])))
+    ed, es = (n_frames, 1) if acq['reverse'] else (1, n_frames)
+    spacing = acq['depth_mm'] / H
+    return dict(ED=ed, ES=es, NbFrame=n_frames, Sex=patient['sex'], Age=patient['age'], ImageQuality=acq['quality'],
+                EF=round(100 * patient['ef'], 1), FrameRate=acq['frame_rate'],
+                spacing=(spacing, spacing), fan=dict(origin=(oy, ox), half_angle=float(acq['half_angle']), depth=float(acq['depth'])),
+                quality_score=round(acq['score'], 3),
+                artefacts=dict(myo_contrast=acq['myo_c'], blood=acq['blood_c'], clutter=acq['clutter'], reverb=acq['reverb'],
+                               noise=acq['noise'], dropout=float(dropout), shadow=bool(acq['shadow']), la_cut=acq['la_cut'],
+                               hypokinesis=bool(patient['hypo'])))
 
 # %% ../nbs/02_phantom.ipynb #32bb9944
 def make_sequence(seed, view='4CH', n_frames=None, size=(256, 256), params: PhantomParams | None = None):
@@ -155,38 +155,38 @@ def make_sequence(seed, view='4CH', n_frames=None, size=(256, 256), params: Phan
     H, W = _size(size)
     if H < 32 or W < 32: raise ValueError(f"size {size} too small; need at least 32x32 pixels")
     if n_frames is not None and int(n_frames) < 2: raise ValueError(f"n_frames={n_frames}: need at least 2 frames")
-    P = PhantomParams() if params is None else params
-    pp, vp = sample_heart(seed, view, n_frames, (H, W), P)
-    rng, F = vp['rng'], vp['n_frames']
+    params = PhantomParams() if params is None else params
+    patient, acq = sample_heart(seed, view, n_frames, (H, W), params)
+    rng, F = acq['rng'], acq['n_frames']
     sc = W / 256
     Y, X = np.mgrid[0:H, 0:W].astype(np.float32)
-    ph = cardiac_phase(F, vp['reverse'], vp['wobble'], vp['wob_f'], vp['wob_ph'])
+    phases = cardiac_phase(F, acq['reverse'], acq['wobble'], acq['wob_f'], acq['wob_ph'])
     ox, oy = W / 2, -0.02 * H                                        # the probe: top centre
-    pose = {k: vp[k] for k in ('apex_x', 'apex_y', 'la_cut', 'depth')}
+    pose = {k: acq[k] for k in ('apex_x', 'apex_y', 'la_cut', 'depth')}
     for _ in range(6):                                                # a heart too big for the fan: image deeper
-        if _fit_in_fan(pp, vp, X, Y, view, ox, oy, pad=P.translation_mm * H / vp['depth_mm']): break
-        vp.update(pose); vp['depth_mm'] *= 1.12
-    shift, (on, depth) = _translation(vp, P, F, H), _dropout(rng, vp, P, F, view)
+        if _fit_in_fan(patient, acq, X, Y, view, ox, oy, pad=params.translation_mm * H / acq['depth_mm']): break
+        acq.update(pose); acq['depth_mm'] *= 1.12
+    shift, (on, depth) = _translation(acq, params, F, H), _dropout(rng, acq, params, F, view)
     drops = on * depth
     labels = np.empty((F, H, W), np.uint8); E = np.empty((F, H, W), np.float32); blood = np.empty((F, H, W), bool)
     coords = []
     for f in range(F):
-        labels[f], E[f], blood[f], c = draw_anatomy(pp, vp, ph[f], X, Y, view, drops[f], shift[f])
+        labels[f], E[f], blood[f], c = draw_anatomy(patient, acq, phases[f], X, Y, view, drops[f], shift[f])
         coords.append(c)
     r = np.hypot(X - ox, Y - oy); th = np.arctan2(X - ox, Y - oy)
-    sector = (np.abs(th) < vp['half_angle']) & (r < vp['depth']) & (r > 0.04 * H)
+    sector = (np.abs(th) < acq['half_angle']) & (r < acq['depth']) & (r > 0.04 * H)
     labels[:, ~sector] = 0
     E = ndimage.gaussian_filter(E, (0, 1.6 * sc, 1.2 * sc))                   # finite resolution
-    if vp['shadow']: E *= _shadow(rng, vp, r, th, H)[None]
-    r_apex = np.hypot(vp['apex_x'] - ox, vp['apex_y'] - oy)
-    E += _near_field_clutter(rng, vp, r, r_apex, H, W, sc)[None]
-    if vp['reverb'] > 0: E += (vp['reverb'] * _reverb_ghost(E[0], r, th, r_apex, ox, oy, H))[None]
-    A = E * _speckle(rng, coords, blood, (0.9 * sc, 2.2 * sc), vp['speckle_rho'])
-    A *= (np.exp(-vp['atten'] * r / H) * (1 + vp['tgc'] * r / H))[None]
-    A += vp['noise'] * np.abs(rng.standard_normal((F, H, W)))           # electronic noise floor
-    edge = np.clip((vp['half_angle'] - np.abs(th)) / 0.02, 0, 1) * np.clip((vp['depth'] - r) / 2, 0, 1) * (r > 0.04 * H)
-    video = np.round(_log_compress(A, vp) * edge[None] * 255).astype(np.uint8)
-    return dict(video=video, labels=labels, info=_sequence_info(pp, vp, F, H, ox, oy, on.mean()))
+    if acq['shadow']: E *= _shadow(rng, acq, r, th, H)[None]
+    r_apex = np.hypot(acq['apex_x'] - ox, acq['apex_y'] - oy)
+    E += _near_field_clutter(rng, acq, r, r_apex, H, W, sc)[None]
+    if acq['reverb'] > 0: E += (acq['reverb'] * _reverb_ghost(E[0], r, th, r_apex, ox, oy, H))[None]
+    A = E * _speckle(rng, coords, blood, (0.9 * sc, 2.2 * sc), acq['speckle_rho'])
+    A *= (np.exp(-acq['atten'] * r / H) * (1 + acq['tgc'] * r / H))[None]
+    A += acq['noise'] * np.abs(rng.standard_normal((F, H, W)))           # electronic noise floor
+    edge = np.clip((acq['half_angle'] - np.abs(th)) / 0.02, 0, 1) * np.clip((acq['depth'] - r) / 2, 0, 1) * (r > 0.04 * H)
+    video = np.round(_log_compress(A, acq) * edge[None] * 255).astype(np.uint8)
+    return dict(video=video, labels=labels, info=_sequence_info(patient, acq, F, H, ox, oy, on.mean()))
 
 # %% ../nbs/02_phantom.ipynb #43973c1a
 def _save_nifti(path, arr_fhw, spacing):
