@@ -108,6 +108,8 @@ def seed_differences(rows, key='probe_dsc') -> dict:
 def learning_curve(run_dir) -> list:
     "Per epoch of a run folder's pretraining: its step and diagnostics, after a step-0 row of the initial encoder's."
     p = Path(run_dir)
+    if not (p / 'diagnostics_init.json').exists():
+        raise FileNotFoundError(f"{p}: no diagnostics_init.json; not a pretraining run folder with diagnostics=True")
     init = json.loads((p / 'diagnostics_init.json').read_text())
     rows = [dict(step=0, **{k: init.get(k, math.nan) for k in DIAGNOSTIC_KEYS})]
     return rows + [dict(step=r['step'], **{k: r.get(k, math.nan) for k in DIAGNOSTIC_KEYS})
