@@ -3,7 +3,7 @@ import json
 from pathlib import Path
 
 from usjepa.grid import (PRESETS, plan, check_plan, run_grid, collect, seed_table, compare, compare_table, ef_rows, figure2,
-                         atlas_rows, atlas_table)
+                         atlas_rows, mlp_rows, reference_table)
 
 NB = Path(__file__).resolve().parents[1] / 'nbs' / 'train.ipynb'
 TINY = {**PRESETS['tiny'], 'methods': ('unet', 'vjepa'), 'label_fractions': (1.0, 0.5)}
@@ -27,7 +27,10 @@ def test_a_tiny_grid_end_to_end(tmp_path):
     assert [(a['seed'], a['label_fraction']) for a in atlas] == [(0, 0.5), (0, 1.0)]
     n = {r['label_fraction']: r['test']['n_frames'] for r in rows}
     assert all(a['test']['n_frames'] == n[a['label_fraction']] for a in atlas)   # scored on the runs' own test frames
-    assert '| atlas of the training labels |' in seed_table(rows + atlas) and '| U-Net | 100% |' in atlas_table(rows, atlas)
+    assert '| atlas of the training labels |' in seed_table(rows + atlas) and '| U-Net | 100% |' in reference_table(rows, atlas)
+    mlp = mlp_rows(rows, tmp_path)                                             # the per-pixel MLP, on the same frames
+    assert [(m['seed'], m['label_fraction'], m['test']['n_frames']) for m in mlp] == [(a['seed'], a['label_fraction'], a['test']['n_frames']) for a in atlas]
+    assert '| per-pixel MLP |' in seed_table(rows + mlp) and '(− per-pixel MLP)' in reference_table(rows, mlp, b='mlp')
     fig = figure2(rows, tmp_path, n_clips=2)
     assert len(fig.axes) == 2 * (1 + len(jobs))                               # reference + every run, per clip
     called = []

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from einops import rearrange, repeat
+from fastcore.basics import patch
 from .core import progress_bar
 
 from .data import CamusClips, parse_cfg
@@ -21,7 +22,7 @@ from .probe import SegmentationHead
 
 # %% auto #0
 __all__ = ['PHANTOM_CLASSES', 'UNet', 'ClipUNet', 'EndToEnd', 'phantom_frames', 'score_frames', 'hand_features', 'Atlas',
-           'fit_frames', 'predict_frames', 'bench_phantom', 'phantom_table']
+           'fit_frames', 'predict_frames', 'PixelMLP', 'HandFeatureClips', 'bench_phantom', 'phantom_table']
 
 # %% ../nbs/15_baselines.ipynb #e727d407
 class UNet(nn.Module):
@@ -155,6 +156,45 @@ def predict_frames(model, X, batch=64, prep=lambda x: x):
     return np.concatenate([model(prep(torch.from_numpy(X[i:i + batch]))).argmax(1).numpy().astype(np.uint8)
                            for i in range(0, len(X), batch)])
 
+# %% ../nbs/15_baselines.ipynb #ad23e1ac
+class PixelMLP(nn.Module):
+    "A per-pixel MLP on the 7 hand features: features `(B, 7, T, H, W)` -> logits `(B, n_classes, T, H, W)`."
+    def __init__(self, n_features=7, hidden=64, n_classes=4):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(n_features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, n_classes))
+
+    def forward(self, features):
+        return rearrange(self.net(rearrange(features, 'b f t h w -> b t h w f')), 'b t h w c -> b c t h w')
+
+# %% ../nbs/15_baselines.ipynb #039f8021
+@patch(cls_method=True)
+def fit(cls: PixelMLP, frames, time, labels, epochs=4, seed=0, n_pixels=300_000, progress=False):
+    "Train on `n_pixels` random pixels of frames `(N, S, S)` uint8 with their time `(N,)` and labels `(N, S, S)`."
+    feats, y = hand_features(frames, time).reshape(-1, 7), labels.reshape(-1)
+    keep = np.random.default_rng(seed).choice(len(feats), min(len(feats), n_pixels), replace=False)
+    torch.manual_seed(seed)
+    mlp = cls()
+    fit_frames(mlp.net, np.ascontiguousarray(feats[keep]), y[keep].astype(np.int64), epochs, 2048, 3e-3, seed, 'mlp', progress)
+    return mlp.eval()
+
+# %% ../nbs/15_baselines.ipynb #3fd0948c
+class HandFeatureClips(torch.utils.data.Dataset):
+    "The clips of `ds` (a `CamusClips`) with each frame's 7 hand features added as `features` `(7, T, S, S)`."
+    def __init__(self, ds: CamusClips): self.ds = ds
+    def __len__(self): return len(self.ds)
+
+    def __getattr__(self, name):                      # sequences, arrays, ...: those of the clips
+        if name == 'ds': raise AttributeError(name)
+        return getattr(self.ds, name)
+
+    def __getitem__(self, i):
+        item, s = self.ds[i], self.ds.items[i][0]
+        idx = item['frame_idx'].numpy()
+        t = (idx / max(self.ds.sequences[s]['n_frames'] - 1, 1)).astype(np.float32)
+        f = hand_features(self.ds.arrays(s)[0][idx], t)
+        return {**item, 'features': torch.from_numpy(rearrange(f, 't h w f -> f t h w').copy())}
+
 # %% ../nbs/15_baselines.ipynb #980d7b2e
 def _by_quality(m: SegMetrics, ds: CamusClips):
     "Mean DSC (paper's classes) of the test sequences of each ImageQuality."
@@ -192,11 +232,8 @@ def bench_phantom(root=None, n_patients=80, size=128, img_size=64, seed=0, views
         scores['atlas'] = score_frames(te, per_seq(np.broadcast_to(atlas, Yte.shape)))
         times['atlas'] = time.time() - t0
         t0 = time.time()                                                      # per-pixel MLP on hand features
-        Ftr, ytr = hand_features(Xtr[:, k], Ttr).reshape(-1, 7), Ytr.reshape(-1)
-        keep = np.random.default_rng(seed).choice(len(Ftr), min(len(Ftr), 300_000), replace=False)
-        mlp = nn.Sequential(nn.Linear(7, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
-        fit_frames(mlp, np.ascontiguousarray(Ftr[keep]), ytr[keep].astype(np.int64), mlp_epochs, 2048, 3e-3, seed, 'mlp', progress)
-        P = predict_frames(mlp, hand_features(Xte[:, k], Tte).reshape(-1, 7), batch=65536).reshape(Yte.shape)
+        mlp = PixelMLP.fit(Xtr[:, k], Ttr, Ytr, mlp_epochs, seed, progress=progress)
+        P = predict_frames(mlp.net, hand_features(Xte[:, k], Tte).reshape(-1, 7), batch=65536).reshape(Yte.shape)
         scores['mlp'] = score_frames(te, per_seq(P))
         times['mlp'] = time.time() - t0
         prep = lambda x: x.float() / 127.5 - 1

@@ -88,7 +88,7 @@ class _PretrainFields(_ModelFields):
     ipe_scale: float = 1.25         # V-JEPA stretches its schedules over ipe_scale x the run's steps
     ema_half_life: float = 0.       # > 0: constant EMA momentum of this half-life, a fraction of the run's steps (replaces ema_start/end)
     reg_coeff: float = 0.           # weight of V-JEPA's std hinge on the predictions (0 = off, as in V-JEPA)
-    sigreg_coeff: float = 0.        # weight of SIGReg (LeJEPA) on the context encoder's tokens (0 = off)
+    sigreg_coeff: float = 1.0       # weight of SIGReg (LeJEPA) on the context encoder's tokens (0 = off, as in V-JEPA)
     ll_on: str = 'pred'             # localization pairs among the predicted tokens (the paper) or the context encoder's ('context')
 
 # %% ../nbs/16_config.ipynb #a7b0fc5f
@@ -137,7 +137,8 @@ RunConfig.RUN_ONLY = ('resume', 'num_workers', 'progress', 'device', 'out_dir', 
 PAPER_PRESET = dict(model='vit_large', patch_size=16, predictor_dim=384, predictor_depth=12, img_size=224,
                     num_frames=16, frame_step=4, batch_size=4, pretrain_epochs=300, warmup_epochs=20,
                     start_lr=1e-6, lr=2e-4, final_lr=1e-6, ipe_scale=1.25, probe_epochs=300, probe_lr=1e-3,
-                    probe_batch_size=4, probe_dim=256, method='vjepa_ll', lam=0.25, frozen_blocks=0)
+                    probe_batch_size=4, probe_dim=256, method='vjepa_ll', lam=0.25, frozen_blocks=0,
+                    sigreg_coeff=0.)   # the paper's loss: V-JEPA's and Eq. 3, no SIGReg
 PAPER_INPUTS = ('init_checkpoint', 'data_dir')   # the published V-JEPA ViT-L/16 file and the CAMUS root
 
 # %% ../nbs/16_config.ipynb #bb785286
@@ -369,6 +370,7 @@ def normal_form(c: RunConfig) -> RunConfig:
     lam = float(c.lam) if c.method == 'vjepa_ll' else 1.0             # λ means something for vjepa_ll only
     out = c.out_dir or f"runs/{c.method}-lam{lam:g}-seed{c.seed}"
     stages = dict(pretrain_epochs=0, warmup_epochs=0) if c.method in END_TO_END else {}   # nothing to pretrain
+    if c.method not in ('vjepa', 'vjepa_ll'): stages |= dict(reg_coeff=0., sigreg_coeff=0.)   # terms of JEPA's loss only
     return replace(c, out_dir=str(out), views=','.join(_views(c.views)), lam=lam, out_layers=','.join(map(str, sorted(parse_layers(c.out_layers)))),
                    label_fraction=float(c.label_fraction), **stages)
 

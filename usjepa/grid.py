@@ -16,18 +16,21 @@ from .scores import paired_test
 from .core import mean_or_nan
 
 # %% auto #0
-__all__ = ['PRESETS', 'scaled_blocks', 'Job', 'plan', 'check_plan', 'config_diff', 'status', 'papermill_execute', 'run_grid',
-           'collect', 'config_name', 'seed_table', 'compare', 'compare_table', 'ef_rows', 'figure2', 'atlas_rows',
-           'atlas_table']
+__all__ = ['RANDOM_ENCODER', 'PRESETS', 'REFERENCES', 'scaled_blocks', 'Job', 'plan', 'check_plan', 'config_diff', 'status',
+           'papermill_execute', 'run_grid', 'collect', 'config_name', 'seed_table', 'compare', 'compare_table',
+           'ef_rows', 'figure2', 'atlas_rows', 'mlp_rows', 'reference_table']
 
 # %% ../nbs/21_grid.ipynb #23c2367e
+# the 'random' row: V-JEPA's frozen probe on the encoder as initialised, never pretrained
+RANDOM_ENCODER = dict(method='vjepa', pretrain_epochs=0, warmup_epochs=0, init_checkpoint='')
 _PAPER_BASE = {k: v for k, v in PAPER_PRESET.items() if k not in ('method', 'lam', 'frozen_blocks')}
 PRESETS = dict(
     paper=dict(base=_PAPER_BASE, methods=('supervised', 'unet', 'videomae', 'vjepa', 'vjepa_ll'), lams=(0.9, 0.75, 0.5, 0.25),
                frozen_blocks=(0, 12, 16), label_fractions=(1.0, 0.5, 0.2, 0.1), seeds=(0,),
                per_method=dict(videomae=dict(predictor_dim=512, predictor_depth=4))),
     cpu=dict(base=dict(synthetic_patients=80, synthetic_size=96, img_size=64, num_frames=8, pretrain_epochs=5, warmup_epochs=1,
-                       probe_epochs=10), methods=('supervised', 'unet', 'videomae', 'vjepa', 'vjepa_ll'), lams=(0.75, 0.25),
+                       probe_epochs=10), methods=('supervised', 'unet', 'random', 'videomae', 'vjepa', 'vjepa_ll'),
+             lams=(0.75, 0.25),
              frozen_blocks=(0,), label_fractions=(1.0, 0.25), seeds=(0, 1, 2), per_method={}),
     tiny=dict(base=dict(synthetic_patients=6, synthetic_size=64, img_size=32, patch_size=8, num_frames=4, frame_step=2,
                         predictor_dim=48, predictor_depth=1, probe_dim=32, batch_size=2, probe_batch_size=4,
@@ -87,8 +90,8 @@ def plan(preset='cpu', out_root='experiments', inputs=None, seeds=None) -> list:
                         name = _job_name(method, lam, fb, lf, seed)
                         params = {**p['base'], **p['per_method'].get(method, {}), **inputs.get('all', {}), **inputs.get(method, {}),
                                   'method': method, 'lam': lam, 'frozen_blocks': fb, 'label_fraction': lf, 'seed': seed,
-                                  'out_dir': str(out_root / name)}
-                        reuse = first if method not in END_TO_END else None
+                                  'out_dir': str(out_root / name)} | (RANDOM_ENCODER if method == 'random' else {})
+                        reuse = first if method not in END_TO_END + ('random',) else None   # a random encoder is rebuilt from the seed
                         if reuse: params['pretrained_run'] = str(out_root / reuse)
                         jobs.append(Job(name, params, reuse, method, lam, fb, lf, seed))
                         first = first or name
@@ -188,12 +191,14 @@ def collect(jobs, out_root) -> list:
     return rows
 
 # %% ../nbs/21_grid.ipynb #b61b0ca5
+REFERENCES = ('atlas', 'mlp')   # trivial methods scored beside the runs (no run folder of their own)
+
 def config_name(r) -> str:
     "How a table names a row's configuration."
     names = dict(vjepa='V-JEPA', vjepa_ll='V-JEPA+LL', videomae='VideoMAE', supervised='supervised ViT', unet='U-Net',
-                 atlas='atlas of the training labels')
+                 random='random encoder', atlas='atlas of the training labels', mlp='per-pixel MLP')
     return names[r['method']] + (f" λ={r['lam']:g}" if r['method'] == 'vjepa_ll' else '') + \
-           (f" fb{r['frozen_blocks']}" if r['method'] not in END_TO_END + ('atlas',) else '')
+           (f" fb{r['frozen_blocks']}" if r['method'] not in END_TO_END + REFERENCES else '')
 
 # %% ../nbs/21_grid.ipynb #d58e34c4
 def _value(r, split, metric, cls):
@@ -232,7 +237,7 @@ def compare(rows, a='vjepa_ll', b='vjepa', metric='dsc', cls='paper:mean') -> li
     for ra in done:
         if ra['method'] != a: continue
         rb = next((r for r in done if r['method'] == b and r['seed'] == ra['seed'] and r['label_fraction'] == ra['label_fraction']
-                   and (r['frozen_blocks'] == ra['frozen_blocks'] or b in END_TO_END + ('atlas',))), None)
+                   and (r['frozen_blocks'] == ra['frozen_blocks'] or b in END_TO_END + REFERENCES)), None)
         if rb is None: continue
         t = {by: paired_test(ra['metrics'], rb['metrics'], metric, cls, by=by) for by in ('frame', 'sequence')}
         out.append(dict(lam=ra['lam'], frozen_blocks=ra['frozen_blocks'], label_fraction=ra['label_fraction'], seed=ra['seed'],
@@ -312,28 +317,47 @@ def figure2(rows, out_root, fractions=None, seed=0, n_clips=3, frame=9, device='
     return fig
 
 # %% ../nbs/21_grid.ipynb #a0cbf564
-def atlas_rows(rows, out_root) -> list:
-    "Rows like `collect`'s for the atlas of each finished (seed, label fraction): its training labels, the runs' test frames."
+def _reference_rows(rows, out_root, method, score) -> list:
+    "Rows like `collect`'s for `score(c, root, train_clips)` (-> SegMetrics) at each finished (seed, label fraction)."
     from usjepa.config import load_config
-    from usjepa.stages import data_root, clips, evaluate_split
-    from usjepa.baselines import Atlas
+    from usjepa.stages import data_root, clips
     out = []
     for seed, lf in sorted({(r['seed'], r['label_fraction']) for r in rows if r['status'] == 'done'}):
         r = next(r for r in rows if r['status'] == 'done' and (r['seed'], r['label_fraction']) == (seed, lf))
         c = replace(load_config(Path(out_root) / r['name'] / 'config.json'), progress=False)
         root = data_root(c)
-        m = evaluate_split(c, root, None, Atlas.fit(clips(c, root, 'train', 'eval', label_fraction=lf)))
-        out.append(dict(name=f"atlas-lf{lf:g}-seed{seed}", method='atlas', lam=None, frozen_blocks=0, label_fraction=lf,
+        m = score(c, root, clips(c, root, 'train', 'eval', label_fraction=lf))
+        out.append(dict(name=f"{method}-lf{lf:g}-seed{seed}", method=method, lam=None, frozen_blocks=0, label_fraction=lf,
                         seed=seed, status='done', test=m.summary(), val={}, metrics=m))
     return out
 
+# %% ../nbs/21_grid.ipynb #1cb3d8c0
+def atlas_rows(rows, out_root) -> list:
+    "The atlas of each finished (seed, label fraction)'s training labels, on the runs' test frames."
+    from usjepa.stages import evaluate_split
+    from usjepa.baselines import Atlas
+    return _reference_rows(rows, out_root, 'atlas', lambda c, root, train: evaluate_split(c, root, None, Atlas.fit(train)))
+
+# %% ../nbs/21_grid.ipynb #1dd83520
+def mlp_rows(rows, out_root) -> list:
+    "The per-pixel MLP of each finished (seed, label fraction), fit on its training frames, on the runs' test frames."
+    from usjepa.stages import clips, score_camus
+    from usjepa.baselines import PixelMLP, HandFeatureClips, phantom_frames
+    def score(c, root, train):
+        X, Y, T, _ = phantom_frames(train)
+        mlp = PixelMLP.fit(X[:, 0], T, Y, seed=c.seed)
+        return score_camus(mlp, HandFeatureClips(clips(c, root, 'test', 'eval')), batch_size=c.probe_batch_size,
+                           progress=False, resolution=c.eval_resolution)
+    return _reference_rows(rows, out_root, 'mlp', score)
+
 # %% ../nbs/21_grid.ipynb #130ab90f
-def atlas_table(rows, atlas, metric='dsc', cls='paper:mean') -> str:
-    "Markdown: each configuration minus the atlas on the same test frames, seed by seed, tested per sequence."
-    lines = [f'| configuration | labels | Δ mean {metric.upper()} (− atlas), mean ± sd over seeds | p per sequence | verdict |',
+def reference_table(rows, refs, b='atlas', metric='dsc', cls='paper:mean') -> str:
+    "Markdown: each configuration minus the reference method `b` (rows in `rows + refs`) on the same test frames, seed by seed."
+    name = config_name(dict(method=b, lam=None, frozen_blocks=0))
+    lines = [f'| configuration | labels | Δ mean {metric.upper()} (− {name}), mean ± sd over seeds | p per sequence | verdict |',
              '|---|---|---|---|---|']
-    for method in dict.fromkeys(r['method'] for r in rows if r['method'] != 'atlas'):
-        cmp = compare(rows + atlas, a=method, b='atlas', metric=metric, cls=cls)
+    for method in dict.fromkeys(r['method'] for r in rows if r['method'] not in REFERENCES + (b,)):
+        cmp = compare(rows + refs, a=method, b=b, metric=metric, cls=cls)
         for key in dict.fromkeys((c['lam'], c['frozen_blocks'], c['label_fraction']) for c in cmp):
             cs = [c for c in cmp if (c['lam'], c['frozen_blocks'], c['label_fraction']) == key]
             d = np.array([c['diff'] for c in cs])
