@@ -48,3 +48,15 @@ def test_a_failing_pretraining_is_reported_and_blocks_its_probe_jobs(tmp_path):
     assert [r['status'] for r in rows] == ['failed', 'todo'] and 'diverged' in rows[0]['error']
     assert 'not done' in seed_table(rows)                                     # the table says what is missing
     assert compare(rows) == [] and compare_table([], rows).count('\n') == 1
+
+
+def test_the_grid_finds_the_training_notebook_from_the_root_and_from_nbs(tmp_path, monkeypatch):
+    "README runs `papermill nbs/experiments.ipynb …` from the repository root; Jupyter starts kernels in nbs/."
+    import pytest
+    from usjepa.grid import find_notebook
+    for where in (NB.parents[1], NB.parent):
+        monkeypatch.chdir(where)
+        assert find_notebook() == NB
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match='neither in'): find_notebook()
+    with pytest.raises(FileNotFoundError, match='does not exist'): run_grid([], tmp_path)

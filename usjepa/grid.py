@@ -17,8 +17,8 @@ from .core import mean_or_nan
 
 # %% auto #0
 __all__ = ['RANDOM_ENCODER', 'PRESETS', 'REFERENCES', 'scaled_blocks', 'Job', 'plan', 'check_plan', 'config_diff', 'status',
-           'papermill_execute', 'run_grid', 'collect', 'config_name', 'seed_table', 'compare', 'compare_table',
-           'ef_rows', 'figure2', 'atlas_rows', 'mlp_rows', 'reference_table']
+           'papermill_execute', 'find_notebook', 'run_grid', 'collect', 'config_name', 'seed_table', 'compare',
+           'compare_table', 'ef_rows', 'figure2', 'atlas_rows', 'mlp_rows', 'reference_table']
 
 # %% ../nbs/21_grid.ipynb #23c2367e
 # the 'random' row: V-JEPA's frozen probe on the encoder as initialised, never pretrained
@@ -145,10 +145,20 @@ def papermill_execute(notebook, output, parameters):
     with _stderr_to(Path(output).with_name('kernel.log')):          # keeps the grid's report free of kernel noise
         pm.execute_notebook(str(notebook), str(output), parameters=parameters, progress_bar=False, log_output=False)
 
+# %% ../nbs/21_grid.ipynb #bc12ba7d
+def find_notebook(name='train.ipynb') -> Path:
+    "The training notebook, from the repository root (`nbs/train.ipynb`) or from `nbs/` (where Jupyter starts its kernels)."
+    for p in (Path(name), Path('nbs') / name):
+        if p.is_file(): return p.resolve()
+    raise FileNotFoundError(f"{name} is neither in {Path.cwd()} nor in its nbs/ folder: run the grid from the repository root or from nbs/")
+
 # %% ../nbs/21_grid.ipynb #1e5e01ea
-def run_grid(jobs, out_root, notebook='nbs/train.ipynb', execute=papermill_execute, progress=True) -> dict:
-    "Run every job that has no result; returns {name: 'done' | 'ran' | 'failed' | 'blocked'} for this pass."
+def run_grid(jobs, out_root, notebook=None, execute=papermill_execute, progress=True) -> dict:
+    """Run every job that has no result (`notebook`: the training notebook, found by `find_notebook` if None);
+    returns {name: 'done' | 'ran' | 'failed' | 'blocked'} for this pass."""
     out_root, result = Path(out_root), {}
+    notebook = find_notebook() if notebook is None else Path(notebook)
+    if not notebook.is_file(): raise FileNotFoundError(f"the training notebook {notebook} does not exist")
     bad = [j.name for j in jobs if Path(j.params['out_dir']) != out_root / j.name]
     if bad: raise ValueError(f"jobs {bad[:3]} were planned for another out_root than {out_root}")
     stale = [f"{j.name} ({'; '.join(config_diff(j, out_root) or ['no config.json'])})" for j in jobs if status(j, out_root) == 'stale']
