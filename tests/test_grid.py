@@ -59,4 +59,5 @@ def test_the_grid_finds_the_training_notebook_from_the_root_and_from_nbs(tmp_pat
         assert find_notebook() == NB
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match='neither in'): find_notebook()
-    with pytest.raises(FileNotFoundError, match='does not exist'): run_grid([], tmp_path)
+    with pytest.raises(FileNotFoundError, match='neither in'): run_grid([], tmp_path)
+    with pytest.raises(FileNotFoundError, match='does not exist'): run_grid([], tmp_path, notebook=tmp_path / 'train.ipynb')
