@@ -61,3 +61,16 @@ def test_the_grid_finds_the_training_notebook_from_the_root_and_from_nbs(tmp_pat
     with pytest.raises(FileNotFoundError, match='neither in'): find_notebook()
     with pytest.raises(FileNotFoundError, match='neither in'): run_grid([], tmp_path)
     with pytest.raises(FileNotFoundError, match='does not exist'): run_grid([], tmp_path, notebook=tmp_path / 'train.ipynb')
+
+
+def test_a_videomae_probe_job_reuses_its_pretraining_whatever_the_jepa_only_defaults(tmp_path):
+    "The saved configuration is a normal form (SIGReg 0 for VideoMAE), and so is the probe job's before they are compared."
+    from dataclasses import asdict
+    from usjepa.config import RunConfig, validate, normal_form
+    pre = tmp_path / 'videomae-lf1'
+    pre.mkdir()
+    (pre / 'config.json').write_text(json.dumps(asdict(normal_form(RunConfig(method='videomae', out_dir=str(pre))))))
+    import torch
+    torch.save({'epoch': RunConfig().pretrain_epochs - 1}, pre / 'pretrain.pt')   # a finished pretraining
+    c = validate(RunConfig(method='videomae', label_fraction=0.5, pretrained_run=str(pre), out_dir=str(tmp_path / 'probe')))
+    assert c.sigreg_coeff == 0. and RunConfig().sigreg_coeff == 1.0

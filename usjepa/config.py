@@ -350,7 +350,7 @@ def _pretrained_run_problems(c: RunConfig) -> list:
     if c.method in END_TO_END: return [f"{name}: method={c.method!r} has no pretraining to reuse"]
     missing = [f for f in ('config.json', 'pretrain.pt') if not (run / f).is_file()]
     if missing: return [f"{name}: no {' or '.join(missing)} there (the folder of a finished pretraining is needed)"]
-    old, new = asdict(load_config(run / 'config.json')), asdict(c)
+    old, new = asdict(load_config(run / 'config.json')), asdict(normal_form(c))   # as the folder saved it
     diff = [k for k in new if k not in RunConfig.RUN_ONLY + RunConfig.PROBE_ONLY and old.get(k) != new[k]]
     if diff: return [f"{name} was pretrained with other parameters: " + ', '.join(f"{k}={old.get(k)!r} there, {new[k]!r} here" for k in diff)]
     epoch = open_checkpoint(run / 'pretrain.pt').get('epoch', -1)
