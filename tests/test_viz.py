@@ -12,7 +12,7 @@ def run_papermill(tmp_path, env):
     src, out = tmp_path / 'in.ipynb', tmp_path / 'out.ipynb'
     nbformat.write(nb, src)
     subprocess.run([sys.executable, '-m', 'papermill', str(src), str(out), '-k', 'python3', '--no-progress-bar'],
-                   check=True, env=env, capture_output=True)
+                   check=True, env=env, capture_output=True, timeout=600)   # a kernel that never starts fails, not hangs CI
     return {k for o in json.loads(out.read_text())['cells'][0]['outputs'] for k in o.get('data', {})}
 
 def kernel_env(**extra):
