@@ -305,8 +305,7 @@ def figure2(rows, out_root, fractions=None, seed=0, n_clips=3, frame=9, device='
     from usjepa.viz import overlay
     done = [r for r in rows if r['status'] == 'done' and r['seed'] == seed]
     fractions = fractions or sorted({r['label_fraction'] for r in done}, reverse=True)
-    cols = [(config_name(r), r) for f in fractions for r in done if r['label_fraction'] == f
-            and r['method'] != 'random']          # a random encoder is not saved: load_run reads pretrain.pt
+    cols = [(config_name(r), r) for f in fractions for r in done if r['label_fraction'] == f]
     if not cols: raise ValueError(f"no finished run with seed {seed} to draw")
     c0, _, _ = load_run(Path(out_root) / cols[0][1]['name'])
     ds = clips(c0, data_root(c0), 'test', 'eval')

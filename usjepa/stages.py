@@ -243,13 +243,16 @@ def pretrain(c: RunConfig, root, d: Dist = Dist(), on_epoch_end=None):
 
 # %% ../nbs/18_stages.ipynb #e1e89ed7
 def pretrained_encoder(c: RunConfig, run_dir):
-    "The encoder that the finished pretraining in `run_dir` hands to the probe: V-JEPA's EMA target, or VideoMAE's encoder."
-    model, _ = build_models(replace(c, init_checkpoint=''))
+    """The encoder that the finished pretraining in `run_dir` hands to the probe: V-JEPA's EMA target, or VideoMAE's
+    encoder; for a run with `pretrain_epochs 0`, which saves no `pretrain.pt`, the seeded encoder `pretrain` starts from."""
     path = Path(run_dir) / 'pretrain.pt'
+    untrained = c.pretrain_epochs == 0 and not path.exists()
+    if untrained: seed_everything(c.seed, 0)           # as `pretrain` seeds it, so the same weights come back
+    model, _ = build_models(c if untrained else replace(c, init_checkpoint=''))
     if c.method == 'videomae':
-        load_videomae(path, model, strict=True)
+        if not untrained: load_videomae(path, model, strict=True)
         return model.encoder
-    load_checkpoint(path, model.target_encoder, which='target_encoder', strict=True)
+    if not untrained: load_checkpoint(path, model.target_encoder, which='target_encoder', strict=True)
     return model.target_encoder
 
 # %% ../nbs/18_stages.ipynb #6777d06b
