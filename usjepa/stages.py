@@ -246,14 +246,14 @@ def pretrained_encoder(c: RunConfig, run_dir):
     """The encoder that the finished pretraining in `run_dir` hands to the probe: V-JEPA's EMA target, or VideoMAE's
     encoder; for a run with `pretrain_epochs 0`, which saves no `pretrain.pt`, the seeded encoder `pretrain` starts from."""
     path = Path(run_dir) / 'pretrain.pt'
-    untrained = c.pretrain_epochs == 0 and not path.exists()
-    if untrained: seed_everything(c.seed, 0)           # as `pretrain` seeds it, so the same weights come back
-    model, _ = build_models(c if untrained else replace(c, init_checkpoint=''))
-    if c.method == 'videomae':
-        if not untrained: load_videomae(path, model, strict=True)
-        return model.encoder
-    if not untrained: load_checkpoint(path, model.target_encoder, which='target_encoder', strict=True)
-    return model.target_encoder
+    if c.pretrain_epochs == 0 and not path.exists():   # nothing trained: rebuild it as `pretrain` seeds and builds it
+        seed_everything(c.seed, 0)
+        model, _ = build_models(c)
+    else:
+        model, _ = build_models(replace(c, init_checkpoint=''))
+        if c.method == 'videomae': load_videomae(path, model, strict=True)
+        else: load_checkpoint(path, model.target_encoder, which='target_encoder', strict=True)
+    return model.encoder if c.method == 'videomae' else model.target_encoder
 
 # %% ../nbs/18_stages.ipynb #6777d06b
 def probe_encoder(c: RunConfig, encoder):
