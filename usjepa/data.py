@@ -14,7 +14,7 @@ from fastcore.basics import patch
 from .core import atomic_write
 
 # %% auto #0
-__all__ = ['CLASSES', 'VIEWS', 'MEAN', 'STD', 'SPLIT_FILES', 'MAX_FIELD_MM', 'AUG_SCALE', 'AUG_RATIO', 'find_camus_root',
+__all__ = ['CLASSES', 'VIEWS', 'MEAN', 'STD', 'SPLIT_FILES', 'MAX_FIELD_MM', 'AUG_SCALE', 'AUG_RATIO', 'MODES', 'find_camus_root',
            'parse_cfg', 'check_labels', 'check_info', 'sequence_files', 'read_sequence', 'check_splits', 'camus_split',
            'label_fraction_patients', 'clip_indices', 'max_clip_start', 'first_occurrence', 'eval_clips', 'normalise',
            'denormalise', 'augment_clip', 'nifti_frame_count', 'CamusClips']
@@ -340,6 +340,8 @@ def _readable_sequences(root, patients, views, split) -> list:
     return sequences
 
 # %% ../nbs/03_data.ipynb #c74d7537
+MODES = ('train', 'cover', 'eval')   # a random clip per sequence | every frame, augmented | every frame, as it is
+
 class CamusClips(Dataset):
     "CAMUS (or phantom) clips: items dict(video (3,T,S,S) float32, labels (T,S,S) int64, valid, frame_idx, patient, view)."
     def __init__(self, root, split='train', views=VIEWS, img_size=224, num_frames=16, frame_step=4,
@@ -347,18 +349,18 @@ class CamusClips(Dataset):
         views = (views,) if isinstance(views, str) else tuple(views)
         bad = [v for v in views if v not in VIEWS]
         if bad or not views: raise ValueError(f"unknown view(s) {bad or views}; expected some of {VIEWS}")
-        if mode not in ('train', 'eval'): raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
+        if mode not in MODES: raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if int(img_size) < 8: raise ValueError(f"img_size={img_size} is too small")
         if num_frames < 1 or frame_step < 1: raise ValueError(f"num_frames={num_frames}, frame_step={frame_step}: must be >= 1")
         self.root = find_camus_root(root)
         self.split, self.views, self.img_size, self.mode = split, views, int(img_size), mode
         self.num_frames, self.frame_step, self.cache = int(num_frames), int(frame_step), cache
-        self.augment = bool(augment) and mode == 'train'          # eval mode never augments
+        self.augment = bool(augment) and mode != 'eval'           # eval mode never augments
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         pts = camus_split(self.root, split, seed) if patients is None else sorted(patients)
         self.patients = label_fraction_patients(pts, label_fraction, seed) if label_fraction < 1 else pts
         self.sequences = _readable_sequences(self.root, self.patients, views, split)
-        if mode == 'eval':                                        # every frame, in fixed clips
+        if mode in ('eval', 'cover'):                             # every frame, in fixed clips
             self.items = [(s, idx, valid) for s, q in enumerate(self.sequences)
                           for idx, valid in eval_clips(q['n_frames'], self.num_frames, self.frame_step)]
         else: self.items = [(s, None, None) for s in range(len(self.sequences))]   # one random clip per sequence

@@ -224,12 +224,15 @@ def plot_diagnostics(rows: list, title: str = ''):
     step = [r['step'] for r in rows]
     panels = [('effective rank', ('rankme_target', 'rankme_online')), ('token spread', ('spread_target', 'spread_online')),
               ('drift from init', ('drift_target', 'drift_online')), ('token probe DSC (val)', ('probe_dsc',)),
-              ('position R² (val)', ('pos_r2',)), ('attention distance', ('attn_dist',))]
+              ('position R² (val)', ('pos_r2',)), ('attention distance', ('attn_dist',)),
+              ('encoder gradient per loss', tuple(f'grad_enc_{t}' for t in ('jepa', 'aux', 'std', 'sigreg')))]
+    panels = [(name, keys) for name, keys in panels if any(k in rows[0] for k in keys)]   # VideoMAE has no loss terms
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.6))
     for ax, (name, keys) in zip(axes, panels):
         for k in keys:
             if k in rows[0]: ax.plot(step, [r[k] for r in rows], marker='o', label=k.split('_')[-1] if len(keys) > 1 else None)
         ax.set_title(name, fontsize=9); ax.set_xlabel('step', fontsize=8)
+        if name.startswith('encoder gradient'): ax.set_yscale('log')          # the terms differ by orders of magnitude
         if len(keys) > 1: ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10); fig.tight_layout()
     return fig

@@ -23,7 +23,7 @@ from .phantom import write_camus_phantom
 from .masking import vjepa_masks
 from .model import build_encoder, build_predictor
 from .checkpoints import load_checkpoint, save_checkpoint, open_checkpoint, open_run_checkpoint
-from .vjepa import VJEPA, pretrain_step, schedule_at, param_groups, STEP_STATS
+from .vjepa import VJEPA, pretrain_step, schedule_at, param_groups, STEP_STATS, encoder_grad_norms
 from .localization import LocalizationLoss
 from .videomae import build_videomae, load_videomae, save_videomae, videomae_step, videomae_param_groups, VIDEOMAE_STATS
 from .scores import SegMetrics
@@ -105,13 +105,27 @@ def grad_clip_at(c: RunConfig, epoch: int):
 # %% ../nbs/18_stages.ipynb #00dc8966
 class PretrainingWatch:
     "The diagnostics of a pretraining (main process, `c.diagnostics`): the initial state, then one set of measures per epoch."
-    def __init__(self, c: RunConfig, root, model, d: Dist = Dist()):
+    def __init__(self, c: RunConfig, root, model, d: Dist = Dist(), aux=None):
         self.on, self.is_videomae = c.diagnostics and d.is_main, c.method == 'videomae'   # VideoMAE: no EMA target
         self.path, self.first = Path(c.out_dir) / 'diagnostics_init.json', None
         if not self.on: return
         self.init = copy.deepcopy(model.encoder).requires_grad_(False)          # the encoder before any step
         self.diag = Diagnostics.from_datasets(clips(c, root, 'train', 'eval'), clips(c, root, 'val', 'eval'),
                                               n_train=2 * c.diag_clips, n_val=c.diag_clips)
+        if self.is_videomae: return
+        # the gradient of each loss term: one fixed training clip under fixed masks, with this run's loss weights
+        self.grad_video = self.diag.train_video[:1].to(d.device)
+        self.grad_masks = [(ci.to(d.device), ti.to(d.device))
+                           for ci, ti in vjepa_masks(1, model.grid, generator=torch.Generator().manual_seed(0))]
+        self.loss_kw = dict(aux=aux, lam=c.lam, reg_coeff=c.reg_coeff, sigreg_coeff=c.sigreg_coeff)
+        self.grads0 = None if self.path.exists() else self.gradients(model)    # before the resume: the initial model
+
+    def gradients(self, model) -> dict:
+        "`grad_enc_<term>`: the encoder gradient norm of each weighted loss term; the global random state is left as it was."
+        dev = self.grad_video.device
+        with torch.random.fork_rng(devices=[dev] if dev.type == 'cuda' else []):   # SIGReg and L_ll draw random numbers
+            norms = encoder_grad_norms(model, self.grad_video, self.grad_masks, **self.loss_kw)
+        return {f'grad_enc_{k}': v for k, v in norms.items()}
 
     def measure(self, target, online=None) -> dict:
         "Measures of `target` (the encoder the probe reads) against the initial encoder, and of the `online` encoder."
@@ -125,12 +139,14 @@ class PretrainingWatch:
         if self.path.exists(): self.first = json.loads(self.path.read_text())
         else:
             self.first = self.measure(self.init, online=None if self.is_videomae else self.init)
+            if not self.is_videomae: self.first.update(self.grads0)
             write_text_atomic(self.path, json.dumps(self.first, indent=1))
 
     def __call__(self, model, epoch) -> dict:
         "This epoch's measures (empty when off); warns when the run collapses."
         if not self.on: return {}
-        row = self.measure(model.encoder, None) if self.is_videomae else self.measure(model.target_encoder, model.encoder)
+        row = self.measure(model.encoder, None) if self.is_videomae else \
+            dict(self.measure(model.target_encoder, model.encoder), **self.gradients(model))
         msg = collapse_warning(self.first, dict(row, epoch=epoch))
         if msg:
             print(f"\n*** {msg} ***\n")
@@ -208,8 +224,8 @@ def pretrain(c: RunConfig, root, d: Dist = Dist(), on_epoch_end=None):
     if report is not None and d.is_main:
         write_text_atomic(out / 'init_checkpoint_report.json', json.dumps(report, indent=1, default=str))
     model.to(d.device)
-    watch = PretrainingWatch(c, root, model, d)                   # before the resume: it keeps the initial encoder
     aux = LocalizationLoss(model.encoder.embed_dim, model.grid, n_pairs=c.n_pairs, on=c.ll_on).to(d.device) if c.lam < 1 else None
+    watch = PretrainingWatch(c, root, model, d, aux)              # before the resume: it keeps the initial encoder
     opt = _pretrain_optimizer(c, model, aux, d)
     start = _resume_pretraining(c, model, opt, aux, ckpt_path)
     if d.is_main: truncate_jsonl(log_path, 'epoch', start)
@@ -313,7 +329,9 @@ def train_segmenter(c: RunConfig, root, encoder, d: Dist = Dist(), on_epoch_end=
         start = int(ck['epoch']) + 1
     if d.is_main: truncate_jsonl(log_path, 'epoch', start)
     if start >= c.probe_epochs: return head
-    mode = 'eval' if encoder is not None else 'train'   # end to end: a random, augmented clip per sequence each epoch
+    # the U-Net sees every labelled frame each epoch, as the probe does; the supervised ViT one random clip per sequence
+    # (covering every frame would cost it 4x: a clip at frame step 4 is mostly padding, which a ViT computes and a U-Net skips)
+    mode = 'eval' if encoder is not None else 'cover' if c.method == 'unet' else 'train'
     ds = clips(c, root, 'train', mode, label_fraction=c.label_fraction)
     dtype = amp_dtype(c.precision, d.device)
     shard = torch.utils.data.Subset(ds, _shard(len(ds), d))

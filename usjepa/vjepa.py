@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['STEP_STATS', 'JEPAOutput', 'VJEPA', 'warmup_cosine', 'cosine', 'ema_schedule', 'half_life_momentum', 'schedule_at',
-           'param_groups', 'std_hinge', 'sigreg', 'clip_grads', 'set_schedule', 'pretrain_step']
+           'param_groups', 'std_hinge', 'sigreg', 'clip_grads', 'set_schedule', 'loss_parts', 'pretrain_step',
+           'encoder_grad_norms']
 
 # %% ../nbs/07_vjepa.ipynb #a952c42d
 import copy, math
@@ -173,6 +174,18 @@ def set_schedule(optimizer, lr, wd):
         if not g.get('wd_exclude', False):
             g['weight_decay'] = wd
 
+# %% ../nbs/07_vjepa.ipynb #a70f7f21
+def loss_parts(model, video, masks, *, aux=None, lam=1.0, reg_coeff=0., sigreg_coeff=0.) -> dict:
+    """The losses of one forward as `{name: (weight, loss)}`: `jepa` (the L1), and when they are on `aux` (the auxiliary loss,
+    weighted 1 − λ against λ), `std` (V-JEPA's std hinge) and `sigreg` (SIGReg); a step minimises the sum of weight·loss."""
+    out = model(video, masks)
+    use_aux = lam < 1.
+    parts = dict(jepa=(lam if use_aux else 1., out.loss))
+    if use_aux: parts['aux'] = (1. - lam, aux(out, model))
+    if reg_coeff: parts['std'] = (reg_coeff, std_hinge(out.preds))
+    if sigreg_coeff: parts['sigreg'] = (sigreg_coeff, sigreg(torch.cat([z.flatten(0, 1) for z in out.ctx])))
+    return parts
+
 # %% ../nbs/07_vjepa.ipynb #743a7602
 def pretrain_step(model, video, masks, optimizer, *, lr, wd, momentum, aux=None, lam=1.0, clip_grad=None, amp_dtype=None,
                   reg_coeff=0., sigreg_coeff=0.):
@@ -188,14 +201,8 @@ def pretrain_step(model, video, masks, optimizer, *, lr, wd, momentum, aux=None,
 
     # 1. forward
     with torch.autocast(video.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-        out = model(video, masks)
-        loss_jepa = out.loss
-        loss_aux = aux(out, model) if use_aux else None
-        loss = lam * loss_jepa + (1. - lam) * loss_aux if use_aux else loss_jepa
-        loss_std = std_hinge(out.preds) if reg_coeff else None
-        loss_sig = sigreg(torch.cat([z.flatten(0, 1) for z in out.ctx])) if sigreg_coeff else None
-        if reg_coeff: loss = loss + reg_coeff * loss_std
-        if sigreg_coeff: loss = loss + sigreg_coeff * loss_sig
+        parts = loss_parts(model, video, masks, aux=aux, lam=lam, reg_coeff=reg_coeff, sigreg_coeff=sigreg_coeff)
+        loss = sum(w * l for w, l in parts.values())
 
     # 2. backward & optimiser step (each part clipped on its own, as V-JEPA does)
     optimizer.zero_grad(set_to_none=True)
@@ -210,8 +217,20 @@ def pretrain_step(model, video, masks, optimizer, *, lr, wd, momentum, aux=None,
     # 3. momentum update of the target encoder
     m.ema_update(momentum)
 
-    parts = [norm_enc, norm_pred] + ([norm_aux] if use_aux else [])
-    grad_norm = torch.stack(parts).square().sum().sqrt()    # whole model (the parts are disjoint)
-    stats = [loss.detach(), loss_jepa.detach()] + [nan if t is None else t.detach() for t in (loss_aux, loss_std, loss_sig)] + \
+    norms = [norm_enc, norm_pred] + ([norm_aux] if use_aux else [])
+    grad_norm = torch.stack(norms).square().sum().sqrt()    # whole model (the parts are disjoint)
+    stats = [loss.detach()] + [parts[k][1].detach() if k in parts else nan for k in ('jepa', 'aux', 'std', 'sigreg')] + \
             [grad_norm, norm_enc, norm_pred, norm_aux]
     return dict(zip(STEP_STATS, torch.stack([s.float() for s in stats]).tolist()))   # one device sync per step
+
+# %% ../nbs/07_vjepa.ipynb #71d3686d
+def encoder_grad_norms(model, video, masks, *, aux=None, lam=1.0, reg_coeff=0., sigreg_coeff=0.) -> dict:
+    "`{term: norm}`: the gradient norm that each weighted term of `loss_parts` alone gives the context encoder's trainable parameters."
+    m = getattr(model, 'module', model)
+    params = [p for p in m.encoder.parameters() if p.requires_grad]
+    parts = loss_parts(m, video, masks, aux=aux, lam=lam, reg_coeff=reg_coeff, sigreg_coeff=sigreg_coeff)
+    norms = {}
+    for k, (w, l) in parts.items():
+        g = [x for x in torch.autograd.grad(w * l, params, retain_graph=True, allow_unused=True) if x is not None]
+        norms[k] = torch.linalg.vector_norm(torch.stack([x.norm() for x in g])).item() if g else 0.
+    return norms
