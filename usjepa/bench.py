@@ -223,7 +223,6 @@ def bench_diagnostics(root, steps=6, **config) -> dict:
         t0 = time.perf_counter()
         watch = PretrainingWatch(c, root, model, aux=aux); watch.start()    # fixed clips, the initial measures
         setup = time.perf_counter() - t0
-        t0 = time.perf_counter(); watch(model, 0); measure = time.perf_counter() - t0   # what every epoch adds
         opt = torch.optim.AdamW(param_groups(model) + ([] if aux is None else param_groups(aux)))
         step, _ = _step_function(c, model, opt, aux, Dist())
         ds = clips(c, root, 'train', 'train')
@@ -234,6 +233,8 @@ def bench_diagnostics(root, steps=6, **config) -> dict:
         t0 = time.perf_counter()
         for _ in range(steps): step(video, sched, None, gen)
         step_s = (time.perf_counter() - t0) / steps
+        # what every epoch adds, timed as a run meets it: after that epoch's steps
+        t0 = time.perf_counter(); watch(model, 0); measure = time.perf_counter() - t0
     epoch_s, E = step_s * per_epoch, c.pretrain_epochs
     return dict(setup_s=setup, measure_s=measure, step_s=step_s, steps_per_epoch=per_epoch, epoch_s=epoch_s,
                 per_epoch_pct=100 * measure / epoch_s, per_run_pct=100 * (setup + E * measure) / (E * epoch_s))

@@ -4,11 +4,13 @@
 
 # %% auto #0
 __all__ = ['DIAGNOSTIC_KEYS', 'COLLAPSE_KEYS', 'rankme', 'token_spread', 'param_drift', 'tubelet_labels', 'Ridge', 'token_dice',
-           'token_probe_dsc', 'r2_score', 'position_r2', 'has_timm_attention', 'attention_maps',
-           'mean_attention_distance', 'Diagnostics', 'collapse_warning', 'read_diagnostics', 'plot_diagnostics']
+           'token_probe_dsc', 'r2_score', 'position_r2', 'has_timm_attention', 'block_inputs', 'attention_probs',
+           'attention_maps', 'mean_attention_distance', 'Diagnostics', 'collapse_warning', 'read_diagnostics',
+           'plot_diagnostics']
 
 # %% ../nbs/17_diagnostics.ipynb #ab3f4ec1
 import json, math, warnings
+from contextlib import contextmanager
 from fastcore.basics import patch
 from pathlib import Path
 
@@ -120,16 +122,28 @@ def has_timm_attention(encoder) -> bool:
     return all(type(getattr(b, 'attn', None)) is Attention for b in getattr(encoder, 'blocks', [None]))
 
 # %% ../nbs/17_diagnostics.ipynb #6c60ef39
-@torch.no_grad()
+@contextmanager
+def block_inputs(encoder, n=None):
+    "The list of each block's input (its first `n` clips), filled by the first forward of `encoder` while the context is open."
+    inputs = []
+    def keep(m, args):
+        if len(inputs) < len(encoder.blocks): inputs.append(args[0][:n])
+    hooks = [blk.register_forward_pre_hook(keep) for blk in encoder.blocks]
+    try: yield inputs
+    finally:
+        for h in hooks: h.remove()
+
+def attention_probs(encoder, inputs: list) -> list:
+    "Attention probabilities (B, heads, N, N) of every block of `encoder`, from the block inputs of `block_inputs`."
+    if not has_timm_attention(encoder): raise ValueError(f"{type(encoder).__name__}: attention maps need timm `Attention` blocks")
+    with torch.no_grad(): return [_attention_probs(blk, x.float()) for blk, x in zip(encoder.blocks, inputs)]
+
 def attention_maps(encoder, video: torch.Tensor) -> list:
     "Attention probabilities (B, heads, N, N) of every block of a `VisionTransformer` on `video`, one per layer."
     if not has_timm_attention(encoder): raise ValueError(f"{type(encoder).__name__}: attention maps need timm `Attention` blocks")
-    inputs = []
-    hooks = [blk.register_forward_pre_hook(lambda m, args: inputs.append(args[0])) for blk in encoder.blocks]
-    try: frozen_features(encoder, video)
-    finally:
-        for h in hooks: h.remove()
-    return [_attention_probs(blk, x.float()) for blk, x in zip(encoder.blocks, inputs)]
+    with torch.no_grad(), block_inputs(encoder) as inputs: frozen_features(encoder, video)
+    return attention_probs(encoder, inputs)
+
 
 # %% ../nbs/17_diagnostics.ipynb #dfbe938d
 def mean_attention_distance(maps: list, grid) -> list:
@@ -174,7 +188,8 @@ def __call__(self: Diagnostics, target, init=None, online=None, attention=True) 
     """Measures of `target` (the encoder the probe reads), its drift from `init`, and the collapse measures of `online`
     (attention distance only for timm `Attention` blocks)."""
     grid, tub, patch = target.grid, target.tubelet_size, target.patch_size
-    ft, fv = self.features(target, self.train_video), self.features(target, self.val_video)
+    ft = self.features(target, self.train_video)
+    with block_inputs(target, 2) as inputs: fv = self.features(target, self.val_video)   # and 2 clips' attention inputs
     yt = tubelet_labels(self.train_labels, tub, patch, self.n_classes).flatten()
     yv = tubelet_labels(self.val_labels, tub, patch, self.n_classes).flatten()
     pos_t, pos_v = torch.arange(ft.shape[1]).repeat(len(ft)), torch.arange(fv.shape[1]).repeat(len(fv))
@@ -182,11 +197,11 @@ def __call__(self: Diagnostics, target, init=None, online=None, attention=True) 
                probe_dsc=token_probe_dsc(ft.flatten(0, 1), yt, fv.flatten(0, 1), yv, self.n_classes),
                pos_r2=position_r2(ft.flatten(0, 1), pos_t, fv.flatten(0, 1), pos_v, grid))
     if attention and has_timm_attention(target):
-        dists = mean_attention_distance(attention_maps(target, self.val_video[:2].to(next(target.parameters()).device)), grid)
+        dists = mean_attention_distance(attention_probs(target, inputs), grid)
         row.update(attn_dist=sum(dists) / len(dists), attn_dist_layers=dists)
     if init is not None: row['drift_target'] = param_drift(target, init)
     if online is not None:
-        fo = self.features(online, self.val_video)
+        fo = fv if online is target else self.features(online, self.val_video)   # the initial state: one encoder, measured once
         row.update(rankme_online=rankme(fo), spread_online=token_spread(fo))
         if init is not None: row['drift_online'] = param_drift(online, init)
     return row

@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['data_root', 'prepare_data', 'clips', 'check_data', 'check_resume', 'build_models', 'grad_clip_at', 'PretrainingWatch',
-           'pretrain', 'pretrained_encoder', 'probe_encoder', 'load_run', 'build_segmenter', 'train_segmenter',
-           'score_camus', 'evaluate_split']
+           'pretrain', 'pretrained_encoder', 'probe_encoder', 'load_run', 'build_segmenter', 'segmenter_mode',
+           'train_segmenter', 'score_camus', 'evaluate_split']
 
 # %% ../nbs/18_stages.ipynb #807464bd
 import copy, json, math, time, warnings
@@ -308,6 +308,15 @@ def build_segmenter(c: RunConfig, encoder=None):
     if c.frozen_blocks: enc.freeze_blocks(c.frozen_blocks)
     return EndToEnd(enc, SegmentationHead.from_encoder(enc, **_head_kwargs(c))), report
 
+# %% ../nbs/18_stages.ipynb #ab498037
+def segmenter_mode(c: RunConfig, frozen: bool) -> str:
+    "The `CamusClips` mode that the segmenter of `c` trains on: every labelled frame once per epoch, but for the supervised ViT."
+    if frozen: return 'eval'                  # probes: features of the fixed clips, computed once (the cache)
+    # the U-Net sees every labelled frame each epoch, as the probe does; the supervised ViT one random clip per sequence
+    # (covering every frame would cost it 4x: a clip at frame step 4 is mostly padding, which a ViT computes and a U-Net skips)
+    return 'cover' if c.method == 'unet' else 'train'
+
+
 # %% ../nbs/18_stages.ipynb #a22ccf85
 def train_segmenter(c: RunConfig, root, encoder, d: Dist = Dist(), on_epoch_end=None):
     """Train probe + decoder on frozen features of the labelled training clips (or, with `encoder=None`, the whole
@@ -329,10 +338,7 @@ def train_segmenter(c: RunConfig, root, encoder, d: Dist = Dist(), on_epoch_end=
         start = int(ck['epoch']) + 1
     if d.is_main: truncate_jsonl(log_path, 'epoch', start)
     if start >= c.probe_epochs: return head
-    # the U-Net sees every labelled frame each epoch, as the probe does; the supervised ViT one random clip per sequence
-    # (covering every frame would cost it 4x: a clip at frame step 4 is mostly padding, which a ViT computes and a U-Net skips)
-    mode = 'eval' if encoder is not None else 'cover' if c.method == 'unet' else 'train'
-    ds = clips(c, root, 'train', mode, label_fraction=c.label_fraction)
+    ds = clips(c, root, 'train', segmenter_mode(c, frozen=encoder is not None), label_fraction=c.label_fraction)
     dtype = amp_dtype(c.precision, d.device)
     shard = torch.utils.data.Subset(ds, _shard(len(ds), d))
     feats = shard if encoder is None else FeatureCache(encoder, shard, batch_size=c.probe_batch_size, device=d.device,
