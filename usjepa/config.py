@@ -53,6 +53,7 @@ class _DataFields(_MethodFields):
     num_frames: int = 16            # frames per clip
     frame_step: int = 4             # step between sampled frames
     augment: bool = True            # V-JEPA's pretraining augmentation: one random resized crop + flip per clip
+    segmenter_augment: bool = False # the same crop + flip on the end-to-end segmenters' training clips (supervised, unet)
 
 # %% ../nbs/16_config.ipynb #bbac6490
 @dataclass
@@ -128,7 +129,7 @@ class RunConfig(_ProbeFields):
 # %% ../nbs/16_config.ipynb #b4233dec
 # fields that do not change the pretraining: runs that differ only in these can share one (`pretrained_run`)
 RunConfig.PROBE_ONLY = ('label_fraction', 'probe_epochs', 'probe_lr', 'probe_batch_size', 'probe_dim', 'probe_depth',
-                        'probe_blocks_on', 'out_layers', 'eval_resolution', 'unet_base', 'unet_frames', 'pretrained_run')
+                        'probe_blocks_on', 'out_layers', 'eval_resolution', 'unet_base', 'unet_frames', 'segmenter_augment', 'pretrained_run')
 # fields that do not change what a run computes: they may differ when resuming
 RunConfig.RUN_ONLY = ('resume', 'num_workers', 'progress', 'device', 'out_dir', 'nproc_per_node', 'nnodes', 'node_rank',
                       'master_addr', 'master_port', 'activation_checkpointing', 'diagnostics', 'diag_clips')

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['data_root', 'prepare_data', 'clips', 'check_data', 'check_resume', 'build_models', 'grad_clip_at', 'PretrainingWatch',
-           'pretrain', 'pretrained_encoder', 'probe_encoder', 'load_run', 'build_segmenter', 'segmenter_mode',
+           'pretrain', 'pretrained_encoder', 'probe_encoder', 'load_run', 'build_segmenter', 'segmenter_clips',
            'train_segmenter', 'score_camus', 'evaluate_split']
 
 # %% ../nbs/18_stages.ipynb #807464bd
@@ -51,11 +51,11 @@ def prepare_data(c: RunConfig, d: Dist = Dist()) -> Path:
     return root
 
 # %% ../nbs/18_stages.ipynb #7682b712
-def clips(c: RunConfig, root, split, mode, label_fraction=1.0) -> CamusClips:
-    "The `CamusClips` a stage reads."
+def clips(c: RunConfig, root, split, mode, label_fraction=1.0, augment=None) -> CamusClips:
+    "The `CamusClips` a stage reads; `augment` (default: the pretraining's `c.augment`) applies outside `'eval'` mode."
     return CamusClips(root, split=split, views=_views(c.views), img_size=c.img_size, num_frames=c.num_frames,
                       frame_step=c.frame_step, label_fraction=label_fraction, mode=mode, seed=c.seed,
-                      augment=c.augment)
+                      augment=c.augment if augment is None else augment)
 
 # %% ../nbs/18_stages.ipynb #20bcc260
 def check_data(c: RunConfig, root) -> dict:
@@ -309,13 +309,10 @@ def build_segmenter(c: RunConfig, encoder=None):
     return EndToEnd(enc, SegmentationHead.from_encoder(enc, **_head_kwargs(c))), report
 
 # %% ../nbs/18_stages.ipynb #ab498037
-def segmenter_mode(c: RunConfig, frozen: bool) -> str:
-    "The `CamusClips` mode that the segmenter of `c` trains on: every labelled frame once per epoch, but for the supervised ViT."
-    if frozen: return 'eval'                  # probes: features of the fixed clips, computed once (the cache)
-    # the U-Net sees every labelled frame each epoch, as the probe does; the supervised ViT one random clip per sequence
-    # (covering every frame would cost it 4x: a clip at frame step 4 is mostly padding, which a ViT computes and a U-Net skips)
-    return 'cover' if c.method == 'unet' else 'train'
-
+def segmenter_clips(c: RunConfig, root, frozen: bool) -> CamusClips:
+    "The labelled training clips that the segmenter of `c` trains on (a frozen encoder's probe, or an end-to-end segmenter)."
+    mode = 'eval' if frozen else 'cover' if c.method == 'unet' else 'train'
+    return clips(c, root, 'train', mode, label_fraction=c.label_fraction, augment=c.segmenter_augment)
 
 # %% ../nbs/18_stages.ipynb #a22ccf85
 def train_segmenter(c: RunConfig, root, encoder, d: Dist = Dist(), on_epoch_end=None):
@@ -338,7 +335,7 @@ def train_segmenter(c: RunConfig, root, encoder, d: Dist = Dist(), on_epoch_end=
         start = int(ck['epoch']) + 1
     if d.is_main: truncate_jsonl(log_path, 'epoch', start)
     if start >= c.probe_epochs: return head
-    ds = clips(c, root, 'train', segmenter_mode(c, frozen=encoder is not None), label_fraction=c.label_fraction)
+    ds = segmenter_clips(c, root, frozen=encoder is not None)
     dtype = amp_dtype(c.precision, d.device)
     shard = torch.utils.data.Subset(ds, _shard(len(ds), d))
     feats = shard if encoder is None else FeatureCache(encoder, shard, batch_size=c.probe_batch_size, device=d.device,
