@@ -133,6 +133,8 @@ def block_inputs(encoder, n=None):
     finally:
         for h in hooks: h.remove()
 
+
+# %% ../nbs/17_diagnostics.ipynb #cada2128
 def attention_probs(encoder, inputs: list) -> list:
     "Attention probabilities (B, heads, N, N) of every block of `encoder`, from the block inputs of `block_inputs`."
     if not has_timm_attention(encoder): raise ValueError(f"{type(encoder).__name__}: attention maps need timm `Attention` blocks")
