@@ -74,3 +74,20 @@ def test_a_videomae_probe_job_reuses_its_pretraining_whatever_the_jepa_only_defa
     torch.save({'epoch': RunConfig().pretrain_epochs - 1}, pre / 'pretrain.pt')   # a finished pretraining
     c = validate(RunConfig(method='videomae', label_fraction=0.5, pretrained_run=str(pre), out_dir=str(tmp_path / 'probe')))
     assert c.sigreg_coeff == 0. and RunConfig().sigreg_coeff == 1.0
+
+
+def test_a_pretraining_saved_before_a_field_existed_is_not_reused(tmp_path):
+    "A pretraining field that the saved config.json lacks is not taken as its default: the reuse is refused, naming it."
+    from dataclasses import asdict
+    import pytest, torch
+    from usjepa.config import RunConfig, validate, normal_form
+    pre = tmp_path / 'old'
+    pre.mkdir()
+    saved = asdict(normal_form(RunConfig(out_dir=str(pre))))
+    del saved['sigreg_coeff']                                   # as a run from before SIGReg was a field
+    (pre / 'config.json').write_text(json.dumps(saved))
+    torch.save({'epoch': RunConfig().pretrain_epochs - 1}, pre / 'pretrain.pt')
+    probe = RunConfig(label_fraction=0.5, pretrained_run=str(pre), out_dir=str(tmp_path / 'probe'))
+    with pytest.raises(ValueError, match=r"sigreg_coeff=<not recorded> there, 1.0 here"): validate(probe)
+    (pre / 'config.json').write_text(json.dumps({**saved, 'sigreg_coeff': 1.0}))
+    assert validate(probe).pretrained_run == str(pre)

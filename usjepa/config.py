@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['METHODS', 'END_TO_END', 'PRECISIONS', 'PAPER_PRESET', 'PAPER_INPUTS', 'RUN_PRESETS', 'PATHS', 'PARAMETERS',
-           'BEFORE_CONFIG', 'RunConfig', 'from_preset', 'parse_value', 'paper_config', 'parse_layers', 'encoder_kwargs',
-           'predictor_kwargs', 'normal_form', 'validate', 'check_injected_parameters', 'given_parameters',
-           'check_run_folder', 'run_lock', 'load_config', 'prepare_run_dir']
+           'BEFORE_CONFIG', 'NOT_RECORDED', 'RunConfig', 'from_preset', 'parse_value', 'paper_config', 'parse_layers',
+           'encoder_kwargs', 'predictor_kwargs', 'normal_form', 'validate', 'check_injected_parameters',
+           'given_parameters', 'check_run_folder', 'run_lock', 'load_config', 'config_changes', 'prepare_run_dir']
 
 # %% ../nbs/16_config.ipynb #8c5070fb
 import ast, json, math, os, re, socket, time
@@ -351,9 +351,8 @@ def _pretrained_run_problems(c: RunConfig) -> list:
     if c.method in END_TO_END: return [f"{name}: method={c.method!r} has no pretraining to reuse"]
     missing = [f for f in ('config.json', 'pretrain.pt') if not (run / f).is_file()]
     if missing: return [f"{name}: no {' or '.join(missing)} there (the folder of a finished pretraining is needed)"]
-    old, new = asdict(load_config(run / 'config.json')), asdict(normal_form(c))   # as the folder saved it
-    diff = [k for k in new if k not in RunConfig.RUN_ONLY + RunConfig.PROBE_ONLY and old.get(k) != new[k]]
-    if diff: return [f"{name} was pretrained with other parameters: " + ', '.join(f"{k}={old.get(k)!r} there, {new[k]!r} here" for k in diff)]
+    diff = config_changes(run / 'config.json', normal_form(c), RunConfig.RUN_ONLY + RunConfig.PROBE_ONLY)   # as the folder saved it
+    if diff: return [f"{name} was pretrained with other parameters: " + ', '.join(f"{k}={old!r} there, {new!r} here" for k, (old, new) in diff.items())]
     epoch = open_checkpoint(run / 'pretrain.pt').get('epoch', -1)
     if int(epoch) + 1 < c.pretrain_epochs: return [f"{name}: its pretraining stopped after epoch {int(epoch) + 1} of {c.pretrain_epochs}"]
     return []
@@ -481,6 +480,18 @@ def load_config(path) -> RunConfig:
     if unknown: raise ValueError(f"{path}: unknown parameters {unknown}")
     return RunConfig(**d)
 
+class _NotRecorded:
+    def __repr__(self): return '<not recorded>'
+NOT_RECORDED = _NotRecorded()   # a field the saved config.json lacks: the run predates it, so its value is unknown
+
+def config_changes(path, c: RunConfig, skip=RunConfig.RUN_ONLY) -> dict:
+    """`{field: (saved, c's)}` for each field of `c` (but `skip`) that the `config.json` at `path` saved with another value,
+    or did not save (`NOT_RECORDED`: never the default silently, since an older run may have run with another behaviour)."""
+    load_config(path)                                            # the same checks: valid JSON, no unknown fields
+    saved = json.loads(Path(path).read_text())
+    return {k: (saved.get(k, NOT_RECORDED), v) for k, v in asdict(c).items()
+            if k not in skip and saved.get(k, NOT_RECORDED) != v}
+
 # %% ../nbs/16_config.ipynb #5ac4514d
 def prepare_run_dir(c: RunConfig) -> Path:
     "Create (or check and reuse) the run folder and write `config.json`; never silently mixes two runs."
@@ -488,11 +499,10 @@ def prepare_run_dir(c: RunConfig) -> Path:
     cfg_path = out / 'config.json'
     remove_stale_temporaries(out)                      # half-written checkpoints of killed writers
     if cfg_path.exists():
-        old = asdict(load_config(cfg_path))
-        diff = sorted(k for k, v in asdict(c).items() if k not in RunConfig.RUN_ONLY and old.get(k) != v)
+        diff = config_changes(cfg_path, c)
         started = [p.name for p in (out / 'pretrain.pt', out / 'probe.pt', out / 'metrics.json') if p.exists()]
         if diff and started:   # a run that failed before its first checkpoint may be restarted with corrected parameters
-            raise ValueError(f"{out} holds a run ({', '.join(started)}) with other parameters ({', '.join(f'{k}: {old.get(k)!r} -> {getattr(c, k)!r}' for k in diff)}); "
+            raise ValueError(f"{out} holds a run ({', '.join(started)}) with other parameters ({', '.join(f'{k}: {old!r} -> {new!r}' for k, (old, new) in sorted(diff.items()))}); "
                              "choose another out_dir, or delete that folder to start over")
     ckpts = [p.name for p in (out / 'pretrain.pt', out / 'probe.pt') if p.exists()]
     if ckpts and not c.resume:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import RunConfig, PAPER_PRESET, END_TO_END, validate, normal_form, load_config
+from .config import RunConfig, PAPER_PRESET, END_TO_END, validate, normal_form, load_config, config_changes
 from .scores import paired_test
 from .core import mean_or_nan
 
@@ -112,9 +112,8 @@ def config_diff(job: Job, out_root) -> list | None:
     "The fields (all but `RunConfig.RUN_ONLY`) in which the job folder's saved `config.json` differs from the plan; None: none saved."
     f = Path(out_root) / job.name / 'config.json'
     if not f.is_file(): return None
-    saved, planned = asdict(load_config(f)), asdict(normal_form(RunConfig(**job.params)))
-    return [f"{k}: {saved.get(k)!r} there, {v!r} planned" for k, v in planned.items()
-            if k not in RunConfig.RUN_ONLY and saved.get(k) != v]
+    return [f"{k}: {old!r} there, {new!r} planned"
+            for k, (old, new) in config_changes(f, normal_form(RunConfig(**job.params))).items()]
 
 # %% ../nbs/21_grid.ipynb #b408aa33
 def status(job: Job, out_root) -> str:
