@@ -21,6 +21,7 @@ import torch
 from .masking import check_mask_grid
 from .model import MODEL_SIZES, POS_EMBEDS, build_encoder, build_predictor
 from .probe import PROBE_BLOCKS_ON
+from .training import SEG_LOSSES
 from .checkpoints import check_checkpoint, open_checkpoint
 from .videomae import build_videomae, load_videomae
 
@@ -98,6 +99,7 @@ class _ProbeFields(_PretrainFields):
     "The frozen probe and its decoder, and how the test split is scored."
     probe_epochs: int = 12          # epochs of the probe (of the whole segmenter for supervised and unet)
     probe_lr: float = 1e-3          # cosine from probe_lr to 0 (the paper's setting)
+    seg_loss: str = 'ce+dice'       # ce+dice (plus a soft Dice term, as nnU-Net; the CPU default, chosen on validation) | ce (the paper's)
     probe_batch_size: int = 8
     probe_dim: int = 192            # width of the attentive probe
     probe_depth: int = 1            # probe blocks: the cross-attention + probe_depth-1 self-attention blocks (V-JEPA 2: 4)
@@ -128,7 +130,7 @@ class RunConfig(_ProbeFields):
 
 # %% ../nbs/16_config.ipynb #b4233dec
 # fields that do not change the pretraining: runs that differ only in these can share one (`pretrained_run`)
-RunConfig.PROBE_ONLY = ('label_fraction', 'probe_epochs', 'probe_lr', 'probe_batch_size', 'probe_dim', 'probe_depth',
+RunConfig.PROBE_ONLY = ('label_fraction', 'probe_epochs', 'probe_lr', 'seg_loss', 'probe_batch_size', 'probe_dim', 'probe_depth',
                         'probe_blocks_on', 'out_layers', 'eval_resolution', 'unet_base', 'unet_frames', 'segmenter_augment', 'pretrained_run')
 # fields that do not change what a run computes: they may differ when resuming
 RunConfig.RUN_ONLY = ('resume', 'num_workers', 'progress', 'device', 'out_dir', 'nproc_per_node', 'nnodes', 'node_rank',
@@ -139,7 +141,7 @@ PAPER_PRESET = dict(model='vit_large', patch_size=16, predictor_dim=384, predict
                     num_frames=16, frame_step=4, batch_size=4, pretrain_epochs=300, warmup_epochs=20,
                     start_lr=1e-6, lr=2e-4, final_lr=1e-6, ipe_scale=1.25, probe_epochs=300, probe_lr=1e-3,
                     probe_batch_size=4, probe_dim=256, method='vjepa_ll', lam=0.25, frozen_blocks=0,
-                    sigreg_coeff=0.)   # the paper's loss: V-JEPA's and Eq. 3, no SIGReg
+                    sigreg_coeff=0., seg_loss='ce')   # the paper's losses: V-JEPA's and Eq. 3, no SIGReg; the probe's cross-entropy
 PAPER_INPUTS = ('init_checkpoint', 'data_dir')   # the published V-JEPA ViT-L/16 file and the CAMUS root
 
 # %% ../nbs/16_config.ipynb #bb785286
@@ -300,6 +302,7 @@ def _probe_problems(c: RunConfig) -> list:
         *[(getattr(c, k) >= 1, f"{k}={getattr(c, k)} must be >= 1") for k in ('probe_epochs', 'probe_batch_size', 'probe_dim', 'probe_depth')],
         (c.probe_lr >= 0, f"probe_lr={c.probe_lr} must be >= 0"),
         (c.probe_blocks_on in PROBE_BLOCKS_ON, f"probe_blocks_on={c.probe_blocks_on!r}: choose one of {PROBE_BLOCKS_ON}"),
+        (c.seg_loss in SEG_LOSSES, f"seg_loss={c.seg_loss!r}: choose one of {SEG_LOSSES}"),
         (c.eval_resolution in ('native', 'input'), f"eval_resolution={c.eval_resolution!r}: choose 'native' or 'input'"))
 
 # %% ../nbs/16_config.ipynb #209f2e21

@@ -349,7 +349,7 @@ def train_segmenter(c: RunConfig, root, encoder, d: Dist = Dist(), on_epoch_end=
     loop = ProbeLoop(opt=opt, start_epoch=start, on_epoch_end=epoch_end, forward=ddp(head, d),
                      epoch_generator=lambda e: torch.Generator().manual_seed(seed_everything(c.seed, 4, e, d.rank)))
     train_probe(head, feats, epochs=c.probe_epochs, lr=c.probe_lr, final_lr=0., batch_size=c.probe_batch_size,
-                device=d.device, amp_dtype=dtype, progress=c.progress and d.is_main, loop=loop)
+                device=d.device, amp_dtype=dtype, progress=c.progress and d.is_main, loop=loop, loss=c.seg_loss)
     return head
 
 # %% ../nbs/18_stages.ipynb #9f600ce6

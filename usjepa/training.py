@@ -23,8 +23,8 @@ from .probe import freeze_encoder, frozen_features, encoder_geometry
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['InMemoryClips', 'FeatureCache', 'seg_loss', 'probe_epoch', 'ProbeLoop', 'train_probe', 'predict_logits', 'predict',
-           'evaluate', 'plot_losses', 'qualitative_figure']
+__all__ = ['SEG_LOSSES', 'InMemoryClips', 'FeatureCache', 'soft_dice', 'seg_loss', 'probe_epoch', 'ProbeLoop', 'train_probe',
+           'predict_logits', 'predict', 'evaluate', 'plot_losses', 'qualitative_figure']
 
 # %% ../nbs/14_training.ipynb #6e1f0103
 class InMemoryClips(torch.utils.data.Dataset):
@@ -129,16 +129,32 @@ def _batch_features(batch, encoder, device, amp_dtype):
     return frozen_features(encoder, batch['video'].to(device), amp_dtype)
 
 # %% ../nbs/14_training.ipynb #ef72d759
-def seg_loss(logits, labels, valid=None):
-    "Pixel-wise cross-entropy over valid frames; `logits` (B,C,T,H,W), `labels` (B,T,H,W)."
+def soft_dice(probs, onehot) -> torch.Tensor:
+    "Soft Dice of each class (C,): `probs` and `onehot` (B,C,T,H,W), summed over the whole batch (nnU-Net's batch Dice)."
+    dims = (0, *range(2, probs.ndim))
+    return (2 * (probs * onehot).sum(dims) + 1e-5) / ((probs + onehot).sum(dims) + 1e-5)
+
+# %% ../nbs/14_training.ipynb #906d9ee3
+SEG_LOSSES = ('ce', 'ce+dice')
+
+def seg_loss(logits, labels, valid=None, kind='ce'):
+    """Pixel-wise cross-entropy over valid frames (`kind='ce+dice'`: plus 1 - the mean soft Dice of the foreground classes,
+    as nnU-Net trains); `logits` (B,C,T,H,W), `labels` (B,T,H,W)."""
     if logits.shape[2:] != labels.shape[1:]:
         raise ValueError(f"logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)}")
-    if valid is not None: labels = labels.masked_fill(~valid.bool()[..., None, None], -100)
-    return F.cross_entropy(logits, labels.long(), ignore_index=-100)
+    if kind not in SEG_LOSSES: raise ValueError(f"kind={kind!r}: choose one of {SEG_LOSSES}")
+    ce = F.cross_entropy(logits, labels.long() if valid is None else
+                         labels.long().masked_fill(~valid.bool()[..., None, None], -100), ignore_index=-100)
+    if kind == 'ce': return ce
+    probs, onehot = logits.softmax(1), F.one_hot(labels.long(), logits.shape[1]).movedim(-1, 1).float()
+    if valid is not None:                                   # padding frames count in neither sum
+        keep = valid.bool()[:, None, :, None, None].float()
+        probs, onehot = probs * keep, onehot * keep
+    return ce + 1 - soft_dice(probs, onehot)[1:].mean()
 
 # %% ../nbs/14_training.ipynb #ecbfd796
-def probe_epoch(head, data, opt, *, lr_at=None, step=0, encoder=None, device=None, amp_dtype=None) -> dict:
-    "One pass over `data` (a DataLoader): cross-entropy on valid frames, one AdamW step per batch. `lr_at(step)` sets the lr."
+def probe_epoch(head, data, opt, *, lr_at=None, step=0, encoder=None, device=None, amp_dtype=None, loss='ce') -> dict:
+    "One pass over `data` (a DataLoader): `seg_loss` of kind `loss` on valid frames, one AdamW step per batch. `lr_at(step)` sets the lr."
     device = torch.device(device) if device is not None else next(head.parameters()).device
     head.train()
     tot, n, lrs = 0.0, 0, []
@@ -149,11 +165,11 @@ def probe_epoch(head, data, opt, *, lr_at=None, step=0, encoder=None, device=Non
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = head(feats)
         valid = b['valid'].to(device) if 'valid' in b else None
-        loss = seg_loss(logits.float(), b['labels'].to(device), valid)
-        value = loss.item()
+        batch_loss = seg_loss(logits.float(), b['labels'].to(device), valid, loss)
+        value = batch_loss.item()
         if not math.isfinite(value): raise FloatingPointError(f"non-finite probe loss {value} at step {step}")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        batch_loss.backward()
         opt.step()
         lrs.append(opt.param_groups[0]['lr'])
         step += 1
@@ -173,8 +189,9 @@ class ProbeLoop:
 
 # %% ../nbs/14_training.ipynb #d6bf4c2b
 def train_probe(head, data, epochs=20, lr=1e-3, final_lr=0.0, weight_decay=0.01, batch_size=4, *, encoder=None,
-                device=None, amp_dtype=None, generator=None, num_workers=0, progress=True, loop: ProbeLoop | None = None) -> dict:
-    "Train `head` on frozen features (or video + `encoder`) with cross-entropy, AdamW and a cosine lr `lr -> final_lr`."
+                device=None, amp_dtype=None, generator=None, num_workers=0, progress=True, loop: ProbeLoop | None = None,
+                loss='ce') -> dict:
+    "Train `head` on frozen features (or video + `encoder`) with `seg_loss` of kind `loss`, AdamW and a cosine lr `lr -> final_lr`."
     if epochs < 1: raise ValueError(f"epochs must be >= 1, got {epochs}")
     if len(data) == 0: raise ValueError("no training clips: the dataset is empty")
     loop = loop if loop is not None else ProbeLoop()
@@ -191,7 +208,7 @@ def train_probe(head, data, epochs=20, lr=1e-3, final_lr=0.0, weight_decay=0.01,
         gen = loop.epoch_generator(epoch) if loop.epoch_generator is not None else generator
         dl = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, generator=gen, num_workers=num_workers)
         try: r = probe_epoch(loop.forward or head, dl, opt, lr_at=lambda s: cosine(s, total, lr, final_lr),
-                             step=epoch * n_batches, encoder=encoder, device=device, amp_dtype=amp_dtype)
+                             step=epoch * n_batches, encoder=encoder, device=device, amp_dtype=amp_dtype, loss=loss)
         except FloatingPointError as e: raise FloatingPointError(f"probe diverged in epoch {epoch}: {e}") from None
         hist['loss'].append(r['loss'])
         hist['lr'] += r['lr']
