@@ -126,7 +126,7 @@ DRIFTS = [  # (what README says, a drifted version, what the check says about it
     ('-p lam 0.25      # the main job', '-p lamda 0.25      # the main job', 'lamda: did you mean lam?'),
     ('out.ipynb -p preset paper -p data_dir /data/CAMUS_public -p init_checkpoint vitl16',
      'out.ipynb -p preset papers -p data_dir /data/CAMUS_public -p init_checkpoint vitl16', "preset='papers' is unknown; choose one of ('cpu', 'paper')"),
-    ('-p method unet ', '-p method unets ', "method='unets' is unknown"),
+    ('out.ipynb -p method unet ', 'out.ipynb -p method unets ', "method='unets' is unknown"),
     ('-p predictor_heads 12 -p probe_depth 4', '-p predictor_head 12 -p probe_depth 4', 'predictor_head: did you mean predictor_heads?'),
     ('report.ipynb -p preset cpu #', 'report.ipynb -p preset cpuu #', "preset='cpuu' is not a preset of the grid"),
     ('-p vjepa_checkpoint vitl.pt', '-p vjepa_ckpt vitl.pt', "['vjepa_ckpt'] are not parameters of nbs/experiments.ipynb"),
