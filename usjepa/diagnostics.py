@@ -217,12 +217,15 @@ COLLAPSE_KEYS = ('rankme_target', 'rankme_online', 'spread_target', 'spread_onli
 
 def collapse_warning(init: dict, row: dict, ratio: float = 0.5):
     "A message naming every collapse measure of `row` below `ratio` x its value in `init`, or None."
-    low = [f"{k} {row[k]:.3g} < {ratio:g} x {init[k]:.3g} at init" for k in COLLAPSE_KEYS
-           if k in row and k in init and row[k] < ratio * init[k]]
+    low = [k for k in COLLAPSE_KEYS if k in row and k in init and row[k] < ratio * init[k]]
     if not low: return None
-    return (f"COLLAPSE at epoch {row.get('epoch', '?')}: " + '; '.join(low) +
-            ". The features are losing their directions: a faster EMA, a lower lr, or an anti-collapse term "
-            "(reg_coeff, sigreg_coeff) may help; read the diagnostics, not the loss.")
+    msg = f"COLLAPSE at epoch {row.get('epoch', '?')}: " + '; '.join(f"{k} {row[k]:.3g} < {ratio:g} x {init[k]:.3g} at init" for k in low)
+    kept = [k for k in COLLAPSE_KEYS if k.endswith('_target') and k in row and k in init]
+    if kept and all(k.endswith('_online') for k in low):   # the probe reads the target: say what it keeps
+        msg += ". Only the online encoder: the EMA target, which the probe reads, keeps " + \
+               ', '.join(f"{k} {row[k]:.3g} ({init[k]:.3g} at init)" for k in kept)
+    return msg + (". The features are losing their directions: a faster EMA, a lower lr, or an anti-collapse term "
+                  "(reg_coeff, sigreg_coeff) may help; read the diagnostics, not the loss.")
 
 # %% ../nbs/17_diagnostics.ipynb #450ada3f
 def read_diagnostics(run_dir) -> list:
