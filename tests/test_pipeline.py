@@ -104,7 +104,10 @@ def test_papermill_runs_the_training_notebook(tmp_path):
     assert [r['epoch'] for r in logs] == [0, 1] and all(r['loss_aux'] == r['loss_aux'] for r in logs)  # aux is on
     assert all(r[k] > 0 for r in logs for k in ('grad_norm_enc', 'grad_norm_pred', 'grad_norm_aux'))
     nb = json.loads((tmp_path / 'out.ipynb').read_text())
-    assert any('mean DSC' in ''.join(o.get('text', '')) for c in nb['cells'] for o in c.get('outputs', []))
+    printed = [''.join(o.get('text', '')) for c in nb['cells'] for o in c.get('outputs', [])]
+    assert any('mean DSC' in t for t in printed)
+    assert m['cavity'] and {'area_pred', 'area_ref', 'pieces', 'outside_largest'} <= set(m['cavity'][0])   # why an EF is off
+    assert any('ES/ED cavity area over' in t for t in printed)
 
 class Interrupt(KeyboardInterrupt): pass
 

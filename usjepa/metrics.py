@@ -14,7 +14,7 @@ from .phantom import biplane_volume, ejection_fraction
 __all__ = ['LABELS', 'STRUCTURES', 'PAPER_NAMES', 'METRICS', 'DISTANCES', 'PHASES', 'check_label_values', 'check_structures',
            'structure_mask', 'frame_confusion', 'counts_from_confusion', 'frame_counts', 'scores_from_counts',
            'frame_scores', 'native_labels', 'contour', 'contour_distances', 'frame_distances', 'ef_table', 'agreement',
-           'ef_summary', 'plot_ef']
+           'ef_summary', 'plot_ef', 'cavity_table', 'cavity_summary']
 
 # %% ../nbs/10_metrics.ipynb #d887c4af
 LABELS = (0, 1, 2, 3)
@@ -227,3 +227,35 @@ def plot_ef(rows, ax=None, reference='ref'):
            ylabel='predicted EF (%)', title=f"n={a['n']} MAE {fmt(a['mae'])} bias {fmt(a['bias'])} r {fmt(a['r'])}")
     ax.title.set_fontsize(8); ax.set_aspect('equal'); fig.tight_layout()
     return fig
+
+# %% ../nbs/10_metrics.ipynb #5547e910
+def cavity_table(cases) -> list:
+    "Per (patient, view, phase) LV cavity mask: predicted and reference areas (px), the predicted cavity's pieces and its share outside the largest."
+    if hasattr(cases, 'lv'):                                  # a SegMetrics (11_scores), duck typed
+        if not cases.lv and cases._cavity_rows: return [dict(r) for r in cases._cavity_rows]   # loaded from a file
+        cases = cases.lv
+    rows = []
+    for (patient, view, phase), v in cases.items():
+        pred, ref = np.asarray(v['pred']) == 1, np.asarray(v['ref']) == 1
+        pieces, n = ndimage.label(pred, structure=np.ones((3, 3)))
+        largest = np.bincount(pieces.ravel())[1:].max() if n else 0
+        rows.append(dict(patient=patient, view=view, phase=phase, area_pred=int(pred.sum()), area_ref=int(ref.sum()),
+                         pieces=int(n), outside_largest=float(1 - largest / pred.sum()) if n else 0.))
+    return rows
+
+def cavity_summary(rows) -> dict:
+    """Per phase: masks `n`, predicted/reference area (mean, std), the share of predicted cavities in several pieces and
+    their mean share outside the largest; `es_ed`: each sequence's ES/ED cavity area ratio, predicted and reference (mean, std)."""
+    stat = lambda x: dict(mean=float(np.mean(x)), std=float(np.std(x))) if len(x) else dict(mean=None, std=None)
+    out = {}
+    for ph in PHASES:
+        r = [x for x in rows if x['phase'] == ph and x['area_ref'] > 0]
+        out[ph] = dict(n=len(r), area_ratio=stat([x['area_pred'] / x['area_ref'] for x in r]),
+                       in_pieces=float(np.mean([x['pieces'] > 1 for x in r])) if r else None,
+                       outside_largest=float(np.mean([x['outside_largest'] for x in r])) if r else None)
+    by = {(x['patient'], x['view'], x['phase']): x for x in rows}
+    seq = [(by[k[:2] + ('ES',)], x) for k, x in by.items() if k[2] == 'ED' and k[:2] + ('ES',) in by]
+    seq = [(es, ed) for es, ed in seq if ed['area_pred'] > 0 and ed['area_ref'] > 0]
+    out['es_ed'] = dict(n=len(seq), pred=stat([es['area_pred'] / ed['area_pred'] for es, ed in seq]),
+                        ref=stat([es['area_ref'] / ed['area_ref'] for es, ed in seq]))
+    return out

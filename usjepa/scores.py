@@ -12,7 +12,7 @@ from fastcore.basics import patch
 from .core import atomic_write
 from .metrics import (PAPER_NAMES, METRICS, DISTANCES, PHASES, _as_numpy, _check_spacing, check_label_values,
                             check_structures, frame_confusion, counts_from_confusion, scores_from_counts,
-                            frame_distances, ef_table, ef_summary)
+                            frame_distances, ef_table, ef_summary, cavity_table)
 
 # %% auto #0
 __all__ = ['SegMetrics', 'load_metrics', 'paired_test', 'results_table']
@@ -75,6 +75,7 @@ class SegMetrics:
         self.lv = {}                                          # (patient, view, phase) -> dict(pred, ref, spacing)
         self._seen = 0                                        # frames seen, kept or not: automatic ids
         self._ef_rows = None                                  # per-patient EF rows loaded from a file
+        self._cavity_rows = None                              # per-mask cavity rows (areas, pieces) loaded from a file
 
     def __len__(self): return len(self.ids)
 
@@ -191,10 +192,10 @@ def per_frame(self: SegMetrics) -> list:
 # %% ../nbs/11_scores.ipynb #8088dd0c
 @patch
 def to_dict(self: SegMetrics) -> dict:
-    "JSON-ready: structures, summary, per-frame ids, phases, spacings, counts, distances, scores; per-patient EF rows."
+    "JSON-ready: structures, summary, per-frame ids, phases, spacings, counts, distances, scores; per-patient EF rows, per-mask cavity rows."
     sc = self.scores()
     return dict(format=2, structures={c: list(l) for c, l in self.structures.items()},
-                summary=self.summary(), ef=ef_table(self, strict=False),
+                summary=self.summary(), ef=ef_table(self, strict=False), cavity=cavity_table(self),
                 per_frame=dict(ids=[list(i) if isinstance(i, tuple) else i for i in self.ids],
                                phase=list(self.phase),
                                spacing=[None if s is None else list(s) for s in self.spacing],
@@ -236,6 +237,7 @@ def from_dict(cls: SegMetrics, d):
             m._dist[c][k] = [np.array([np.nan if x is None else x for x in dist.get(k, [None] * n)], np.float64)]
     m._seen = 1 + max([i[1] for i in m.ids if isinstance(i, tuple) and len(i) == 2 and i[0] == 'frame'], default=n - 1)
     m._ef_rows = d.get('ef') or None
+    m._cavity_rows = d.get('cavity') or None
     return m
 
 # %% ../nbs/11_scores.ipynb #a90edf89
