@@ -243,6 +243,7 @@ def cavity_table(cases) -> list:
                          pieces=int(n), outside_largest=float(1 - largest / pred.sum()) if n else 0.))
     return rows
 
+# %% ../nbs/10_metrics.ipynb #684391b7
 def cavity_summary(rows) -> dict:
     """Per phase: masks `n`, predicted/reference area (mean, std), the share of predicted cavities in several pieces and
     their mean share outside the largest; `es_ed`: each sequence's ES/ED cavity area ratio, predicted and reference (mean, std)."""
@@ -254,8 +255,8 @@ def cavity_summary(rows) -> dict:
                        in_pieces=float(np.mean([x['pieces'] > 1 for x in r])) if r else None,
                        outside_largest=float(np.mean([x['outside_largest'] for x in r])) if r else None)
     by = {(x['patient'], x['view'], x['phase']): x for x in rows}
-    seq = [(by[k[:2] + ('ES',)], x) for k, x in by.items() if k[2] == 'ED' and k[:2] + ('ES',) in by]
-    seq = [(es, ed) for es, ed in seq if ed['area_pred'] > 0 and ed['area_ref'] > 0]
+    seq = [(by[(p, v, 'ES')], ed) for (p, v, ph), ed in by.items()
+           if ph == 'ED' and (p, v, 'ES') in by and ed['area_pred'] > 0 and ed['area_ref'] > 0]
     out['es_ed'] = dict(n=len(seq), pred=stat([es['area_pred'] / ed['area_pred'] for es, ed in seq]),
                         ref=stat([es['area_ref'] / ed['area_ref'] for es, ed in seq]))
     return out
