@@ -4,6 +4,7 @@
 
 # %% ../nbs/12_viz.ipynb #b0b54538
 from __future__ import annotations
+import io
 from pathlib import Path
 import numpy as np
 import torch
@@ -97,19 +98,22 @@ def _static(fig):
     return fig
 
 # %% ../nbs/12_viz.ipynb #567ba4f6
+def _png(fig) -> bytes:
+    "The figure as PNG bytes; the figure is closed."
+    buf = io.BytesIO()
+    fig.savefig(buf, format='png', bbox_inches='tight'); plt.close(fig)
+    return buf.getvalue()
+
+# %% ../nbs/12_viz.ipynb #700323cf
 def _interactive(draw, control):
-    "`control` (an ipywidget) above an Output showing the figure `draw(control)`, redrawn on every change or click."
+    "`control` (an ipywidget) above an `Image` of the figure `draw(control)`, redrawn on every change or click."
     import ipywidgets as W
-    from IPython.display import display
-    out = W.Output()
-    def redraw(*_):
-        with out:
-            out.clear_output(wait=True)
-            fig = draw(control); display(fig); plt.close(fig)
+    image = W.Image(format='png')
+    def redraw(*_): image.value = _png(draw(control))
     if isinstance(control, W.Button): control.on_click(redraw)
     else: control.observe(redraw, names='value')
     redraw()
-    return W.VBox([control, out])
+    return W.VBox([control, image])
 
 # %% ../nbs/12_viz.ipynb #87a93de7
 def clip_viewer(video, labels=None, pred=None, alpha=0.4, static=None):
