@@ -165,3 +165,14 @@ def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path):
     fp = res['rank_fingerprints']
     assert len(fp) == 2 and fp[0] == fp[1], fp
     assert _metrics(tmp_path / 'ddp')['summary']['n_frames'] > 0
+
+
+def test_one_pretraining_probed_with_learned_and_token_queries(tmp_path):
+    "probe_queries changes the probe only: both kinds reuse one finished pretraining, and only 'tokens' trains a token_query."
+    from usjepa.checkpoints import open_checkpoint
+    pre = run(tiny(tmp_path, 'pre', probe_epochs=1))                    # the CPU default: token queries
+    learned = run(tiny(tmp_path, 'learned', probe_epochs=1, probe_queries='learned', pretrained_run=pre['out_dir']))
+    token_query = lambda r: [k for k in open_checkpoint(Path(r['out_dir']) / 'probe.pt')['head'] if 'token_query' in k]
+    assert token_query(pre) and not token_query(learned)
+    assert not (Path(learned['out_dir']) / 'pretrain.pt').exists()      # the pretraining was reused, not redone
+    assert _metrics(learned['out_dir'])['summary']['n_frames'] == _metrics(pre['out_dir'])['summary']['n_frames']

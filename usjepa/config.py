@@ -20,7 +20,7 @@ from .data import VIEWS, find_camus_root, check_splits
 import torch
 from .masking import check_mask_grid
 from .model import MODEL_SIZES, POS_EMBEDS, build_encoder, build_predictor
-from .probe import PROBE_BLOCKS_ON
+from .probe import PROBE_BLOCKS_ON, PROBE_QUERIES
 from .training import SEG_LOSSES
 from .checkpoints import check_checkpoint, open_checkpoint
 from .videomae import build_videomae, load_videomae
@@ -104,6 +104,7 @@ class _ProbeFields(_PretrainFields):
     probe_dim: int = 192            # width of the attentive probe
     probe_depth: int = 1            # probe blocks: the cross-attention + probe_depth-1 self-attention blocks (V-JEPA 2: 4)
     probe_blocks_on: str = 'queries' # where those self-attention blocks run: queries (after, V-JEPA) | tokens (before, V-JEPA 2)
+    probe_queries: str = 'tokens'    # tokens (learned + a projection of the cell's own token; the CPU default, chosen on validation) | learned (V-JEPA's)
     out_layers: str = ''            # '' (the last block) or comma-separated encoder blocks whose normed outputs the probe reads (V-JEPA 2)
     pretrained_run: str = ''        # '' or a finished run folder with this run's pretraining parameters: probe its encoder, skip pretraining
     # evaluation
@@ -131,7 +132,7 @@ class RunConfig(_ProbeFields):
 # %% ../nbs/16_config.ipynb #b4233dec
 # fields that do not change the pretraining: runs that differ only in these can share one (`pretrained_run`)
 RunConfig.PROBE_ONLY = ('label_fraction', 'probe_epochs', 'probe_lr', 'seg_loss', 'probe_batch_size', 'probe_dim', 'probe_depth',
-                        'probe_blocks_on', 'out_layers', 'eval_resolution', 'unet_base', 'unet_frames', 'segmenter_augment', 'pretrained_run')
+                        'probe_blocks_on', 'probe_queries', 'out_layers', 'eval_resolution', 'unet_base', 'unet_frames', 'segmenter_augment', 'pretrained_run')
 # fields that do not change what a run computes: they may differ when resuming
 RunConfig.RUN_ONLY = ('resume', 'num_workers', 'progress', 'device', 'out_dir', 'nproc_per_node', 'nnodes', 'node_rank',
                       'master_addr', 'master_port', 'activation_checkpointing', 'diagnostics', 'diag_clips')
@@ -141,7 +142,8 @@ PAPER_PRESET = dict(model='vit_large', patch_size=16, predictor_dim=384, predict
                     num_frames=16, frame_step=4, batch_size=4, pretrain_epochs=300, warmup_epochs=20,
                     start_lr=1e-6, lr=2e-4, final_lr=1e-6, ipe_scale=1.25, probe_epochs=300, probe_lr=1e-3,
                     probe_batch_size=4, probe_dim=256, method='vjepa_ll', lam=0.25, frozen_blocks=0,
-                    sigreg_coeff=0., seg_loss='ce')   # the paper's losses: V-JEPA's and Eq. 3, no SIGReg; the probe's cross-entropy
+                    sigreg_coeff=0., seg_loss='ce',   # the paper's losses: V-JEPA's and Eq. 3, no SIGReg; the probe's cross-entropy
+                    probe_queries='learned')          # V-JEPA's attentive probe
 PAPER_INPUTS = ('init_checkpoint', 'data_dir')   # the published V-JEPA ViT-L/16 file and the CAMUS root
 
 # %% ../nbs/16_config.ipynb #bb785286
@@ -302,6 +304,7 @@ def _probe_problems(c: RunConfig) -> list:
         *[(getattr(c, k) >= 1, f"{k}={getattr(c, k)} must be >= 1") for k in ('probe_epochs', 'probe_batch_size', 'probe_dim', 'probe_depth')],
         (c.probe_lr >= 0, f"probe_lr={c.probe_lr} must be >= 0"),
         (c.probe_blocks_on in PROBE_BLOCKS_ON, f"probe_blocks_on={c.probe_blocks_on!r}: choose one of {PROBE_BLOCKS_ON}"),
+        (c.probe_queries in PROBE_QUERIES, f"probe_queries={c.probe_queries!r}: choose one of {PROBE_QUERIES}"),
         (c.seg_loss in SEG_LOSSES, f"seg_loss={c.seg_loss!r}: choose one of {SEG_LOSSES}"),
         (c.eval_resolution in ('native', 'input'), f"eval_resolution={c.eval_resolution!r}: choose 'native' or 'input'"))
 

@@ -14,8 +14,9 @@ from timm.models.vision_transformer import Block
 from .model import sincos_pos_embed_3d, _init_weights
 
 # %% auto #0
-__all__ = ['PROBE_BLOCKS_ON', 'freeze_encoder', 'frozen_features', 'encoder_geometry', 'LayerFeatures', 'CrossAttention',
-           'CrossAttentionBlock', 'AttentiveProbe', 'split_patch', 'ConvDecoder', 'SegmentationHead']
+__all__ = ['PROBE_BLOCKS_ON', 'PROBE_QUERIES', 'freeze_encoder', 'frozen_features', 'encoder_geometry', 'LayerFeatures',
+           'CrossAttention', 'CrossAttentionBlock', 'AttentiveProbe', 'probe_attention', 'own_slot_attention',
+           'split_patch', 'ConvDecoder', 'SegmentationHead']
 
 # %% ../nbs/13_probe.ipynb #a8277941
 def freeze_encoder(encoder: nn.Module) -> nn.Module:
@@ -61,6 +62,7 @@ class LayerFeatures(nn.Module):
 
 # %% ../nbs/13_probe.ipynb #ce1e229a
 PROBE_BLOCKS_ON = ('queries', 'tokens')
+PROBE_QUERIES = ('learned', 'tokens')
 
 class CrossAttention(nn.Module):
     "Multi-head cross-attention: queries of width `dim` attend to context of width `kv_dim`."
@@ -93,18 +95,21 @@ class CrossAttentionBlock(nn.Module):
 
 # %% ../nbs/13_probe.ipynb #854a23a8
 class AttentiveProbe(nn.Module):
-    "One learnable query per grid cell cross-attends to frozen tokens `(B, N, D)` -> `(B, N, probe_dim)`."
+    """One query per grid cell cross-attends to frozen tokens `(B, N, D)` -> `(B, N, probe_dim)`; `queries='tokens'`
+    adds to each learned query a projection of its own cell's token."""
     def __init__(self, grid, embed_dim, probe_dim=256, num_heads=8, depth=1, mlp_ratio=4.0, qkv_bias=True,
-                 init_std=0.02, blocks_on='queries'):
+                 init_std=0.02, blocks_on='queries', queries='learned'):
         super().__init__()
+        if queries not in PROBE_QUERIES: raise ValueError(f"queries={queries!r}: choose one of {PROBE_QUERIES}")
         if blocks_on not in PROBE_BLOCKS_ON: raise ValueError(f"blocks_on={blocks_on!r}: choose one of {PROBE_BLOCKS_ON}")
         if depth < 1: raise ValueError(f"probe depth must be >= 1, got {depth}")
-        self.blocks_on = blocks_on
+        self.blocks_on, self.queries = blocks_on, queries
         self.grid = tuple(int(g) for g in grid)
         self.num_queries = math.prod(self.grid)
         self.embed_dim, self.probe_dim = embed_dim, probe_dim
         self.query_tokens = nn.Parameter(torch.zeros(1, self.num_queries, probe_dim))
         self.register_buffer('pos_embed', sincos_pos_embed_3d(probe_dim, self.grid)[None], persistent=False)
+        self.token_query = nn.Sequential(nn.LayerNorm(embed_dim), nn.Linear(embed_dim, probe_dim)) if queries == 'tokens' else None
         self.cross_attention_block = CrossAttentionBlock(probe_dim, embed_dim, num_heads, mlp_ratio, qkv_bias)
         width = probe_dim if blocks_on == 'queries' else embed_dim     # V-JEPA: on the queries; V-JEPA 2: on the frozen tokens
         if width % num_heads: raise ValueError(f"self-attention blocks of width {width} need num_heads dividing it, got {num_heads}")
@@ -119,10 +124,37 @@ class AttentiveProbe(nn.Module):
         if self.blocks_on == 'tokens':
             for blk in self.blocks: x = blk(x)
         q = (self.query_tokens + self.pos_embed).expand(len(x), -1, -1)
+        if self.token_query is not None: q = q + self.token_query(self.own_tokens(x))
         q = self.cross_attention_block(q, x)
         if self.blocks_on == 'queries':
             for blk in self.blocks: q = blk(q)
         return q
+
+    def own_tokens(self, x):
+        "Each grid cell's token `(B, N, D)` (the mean over the layers when `x` holds several layers' tokens)."
+        if x.shape[1] % self.num_queries:
+            raise ValueError(f"{x.shape[1]} tokens are not whole layers of the {self.num_queries}-cell grid {self.grid}")
+        return rearrange(x, 'b (l n) d -> b l n d', n=self.num_queries).mean(1)
+
+# %% ../nbs/13_probe.ipynb #80276d28
+@torch.no_grad()
+def probe_attention(probe: AttentiveProbe, x: torch.Tensor) -> torch.Tensor:
+    "The cross-attention weights `(B, heads, N, M)` of `probe`'s queries over the tokens `x` `(B, M, D)`."
+    xa, blk = probe.cross_attention_block.xattn, probe.cross_attention_block
+    if probe.blocks_on == 'tokens':
+        for b in probe.blocks: x = b(x)
+    q = (probe.query_tokens + probe.pos_embed).expand(len(x), -1, -1)
+    if probe.token_query is not None: q = q + probe.token_query(probe.own_tokens(x))
+    q = rearrange(xa.q(q), 'b n (h d) -> b h n d', h=xa.num_heads)
+    k = rearrange(xa.kv(blk.norm1(x)), 'b m (two h d) -> two b h m d', two=2, h=xa.num_heads)[0]
+    return (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)
+
+def own_slot_attention(probe: AttentiveProbe, x: torch.Tensor) -> float:
+    "Mean share of a query's attention on the tokens of its own time slot (uniform: 1 / gt)."
+    gt, gh, gw = probe.grid
+    slot = torch.arange(x.shape[1]) % probe.num_queries // (gh * gw)
+    own = slot[:probe.num_queries, None] == slot[None, :]
+    return (probe_attention(probe, x) * own.to(x.device)).sum(-1).mean().item()
 
 # %% ../nbs/13_probe.ipynb #00bb6976
 def split_patch(patch: int) -> tuple:
@@ -154,10 +186,10 @@ class ConvDecoder(nn.Module):
 class SegmentationHead(nn.Module):
     "AttentiveProbe + ConvDecoder: frozen tokens `(B, N, D)` -> logits `(B, num_classes, T, H, W)`."
     def __init__(self, grid, embed_dim, probe_dim=256, num_heads=8, depth=1, num_classes=4, tubelet=2,
-                 patch=16, hidden_dim=None, mlp_ratio=4.0, blocks_on='queries'):
+                 patch=16, hidden_dim=None, mlp_ratio=4.0, blocks_on='queries', queries='learned'):
         super().__init__()
         self.grid, self.num_classes = tuple(grid), num_classes
-        self.probe = AttentiveProbe(grid, embed_dim, probe_dim, num_heads, depth, mlp_ratio, blocks_on=blocks_on)
+        self.probe = AttentiveProbe(grid, embed_dim, probe_dim, num_heads, depth, mlp_ratio, blocks_on=blocks_on, queries=queries)
         self.decoder = ConvDecoder(grid, probe_dim, num_classes, tubelet, patch, hidden_dim)
 
     @classmethod

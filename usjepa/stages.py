@@ -295,7 +295,8 @@ def _shard(n, d: Dist):
     return list(range(d.rank * per, (d.rank + 1) * per))
 
 # %% ../nbs/18_stages.ipynb #d7dc384d
-def _head_kwargs(c: RunConfig): return dict(probe_dim=c.probe_dim, depth=c.probe_depth, blocks_on=c.probe_blocks_on)
+def _head_kwargs(c: RunConfig): return dict(probe_dim=c.probe_dim, depth=c.probe_depth, blocks_on=c.probe_blocks_on,
+                                       queries=c.probe_queries)
 
 # %% ../nbs/18_stages.ipynb #be8c9d1e
 def build_segmenter(c: RunConfig, encoder=None):

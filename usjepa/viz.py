@@ -104,7 +104,7 @@ def _png(fig) -> bytes:
     fig.savefig(buf, format='png', bbox_inches='tight'); plt.close(fig)
     return buf.getvalue()
 
-# %% ../nbs/12_viz.ipynb #700323cf
+# %% ../nbs/12_viz.ipynb #fa3604c6
 def _interactive(draw, control):
     "`control` (an ipywidget) above an `Image` of the figure `draw(control)`, redrawn on every change or click."
     import ipywidgets as W
