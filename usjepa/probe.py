@@ -118,6 +118,14 @@ class AttentiveProbe(nn.Module):
         self.apply(_init_weights)            # V-JEPA's: truncated normal (std 0.02), zero biases, unit LayerNorms
 
     def forward(self, x):
+        x, q = self.context_and_queries(x)
+        q = self.cross_attention_block(q, x)
+        if self.blocks_on == 'queries':
+            for blk in self.blocks: q = blk(q)
+        return q
+
+    def context_and_queries(self, x):
+        "What the cross-attention reads: the tokens (after the blocks when `blocks_on='tokens'`) and the queries."
         if x.ndim != 3 or x.shape[-1] != self.embed_dim:
             hint = ": raw video needs the frozen `encoder`" if x.ndim == 5 else ""
             raise ValueError(f"expected tokens (B, N, {self.embed_dim}), got {tuple(x.shape)}{hint}")
@@ -125,10 +133,7 @@ class AttentiveProbe(nn.Module):
             for blk in self.blocks: x = blk(x)
         q = (self.query_tokens + self.pos_embed).expand(len(x), -1, -1)
         if self.token_query is not None: q = q + self.token_query(self.own_tokens(x))
-        q = self.cross_attention_block(q, x)
-        if self.blocks_on == 'queries':
-            for blk in self.blocks: q = blk(q)
-        return q
+        return x, q
 
     def own_tokens(self, x):
         "Each grid cell's token `(B, N, D)` (the mean over the layers when `x` holds several layers' tokens)."
@@ -140,15 +145,13 @@ class AttentiveProbe(nn.Module):
 @torch.no_grad()
 def probe_attention(probe: AttentiveProbe, x: torch.Tensor) -> torch.Tensor:
     "The cross-attention weights `(B, heads, N, M)` of `probe`'s queries over the tokens `x` `(B, M, D)`."
-    xa, blk = probe.cross_attention_block.xattn, probe.cross_attention_block
-    if probe.blocks_on == 'tokens':
-        for b in probe.blocks: x = b(x)
-    q = (probe.query_tokens + probe.pos_embed).expand(len(x), -1, -1)
-    if probe.token_query is not None: q = q + probe.token_query(probe.own_tokens(x))
-    q = rearrange(xa.q(q), 'b n (h d) -> b h n d', h=xa.num_heads)
-    k = rearrange(xa.kv(blk.norm1(x)), 'b m (two h d) -> two b h m d', two=2, h=xa.num_heads)[0]
+    blk = probe.cross_attention_block
+    x, q = probe.context_and_queries(x)
+    q = rearrange(blk.xattn.q(q), 'b n (h d) -> b h n d', h=blk.xattn.num_heads)
+    k = rearrange(blk.xattn.kv(blk.norm1(x)), 'b m (two h d) -> two b h m d', two=2, h=blk.xattn.num_heads)[0]
     return (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)
 
+# %% ../nbs/13_probe.ipynb #d3ccc498
 def own_slot_attention(probe: AttentiveProbe, x: torch.Tensor) -> float:
     "Mean share of a query's attention on the tokens of its own time slot (uniform: 1 / gt)."
     gt, gh, gw = probe.grid
