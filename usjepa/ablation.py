@@ -84,7 +84,7 @@ def _mean_sd(xs):
 
 # %% ../nbs/22_ablation.ipynb #cad9c8ae
 def ablation_table(rows, keys=('probe_dsc', 'rankme_target', 'rankme_online', 'spread_target', 'spread_online',
-                                'drift_target', 'pos_r2', 'attn_dist', 'loss_aux', 'wall_s')) -> str:
+                                'drift_target', 'pos_r2', 'pos_share', 'patch_r2', 'attn_dist', 'loss_aux', 'wall_s')) -> str:
     "Markdown table: per lever, the number of seeds and mean ± sd of each of `keys`, best validation token-probe DSC first."
     levers = list(dict.fromkeys(r['lever'] for r in rows))
     stats = {l: {k: _mean_sd([r[k] for r in rows if r['lever'] == l]) for k in keys} for l in levers}

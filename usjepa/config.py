@@ -126,7 +126,7 @@ class RunConfig(_ProbeFields):
     master_addr: str = '127.0.0.1'
     master_port: int = 29500
     progress: bool = True           # progress bars
-    diagnostics: bool = True        # measure rank, spread, drift, token probe, position R², attention distance per pretraining epoch
+    diagnostics: bool = True        # measure rank, spread, drift, token probe, position R² and share, patch R², attention distance per pretraining epoch
     diag_clips: int = 8             # validation clips of the diagnostics (twice as many training clips fit their probes)
 
 # %% ../nbs/16_config.ipynb #b4233dec

@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['DIAGNOSTIC_KEYS', 'COLLAPSE_KEYS', 'rankme', 'token_spread', 'param_drift', 'tubelet_labels', 'Ridge', 'token_dice',
-           'token_probe_dsc', 'r2_score', 'position_r2', 'has_timm_attention', 'block_inputs', 'attention_probs',
-           'attention_maps', 'mean_attention_distance', 'Diagnostics', 'collapse_warning', 'read_diagnostics',
-           'plot_diagnostics']
+           'token_probe_dsc', 'r2_score', 'position_r2', 'position_share', 'tubelet_pixels', 'patch_r2',
+           'has_timm_attention', 'block_inputs', 'attention_probs', 'attention_maps', 'mean_attention_distance',
+           'Diagnostics', 'collapse_warning', 'read_diagnostics', 'plot_diagnostics']
 
 # %% ../nbs/17_diagnostics.ipynb #ab3f4ec1
 import json, math, warnings
@@ -107,6 +107,30 @@ def position_r2(train_x, train_idx, val_x, val_idx, grid, alpha=1.0) -> float:
     r = Ridge(alpha).fit(train_x, token_coords(train_idx, grid).double())
     return r2_score(r.predict(val_x), token_coords(val_idx, grid))
 
+# %% ../nbs/17_diagnostics.ipynb #cf2c4d4d
+def position_share(h: torch.Tensor) -> float:
+    "Share of the variance of features `h` (B, N, D) that is each grid cell's mean over the B clips, corrected for the mean's noise."
+    if len(h) < 2: return math.nan                                       # one clip: no content to tell from position
+    h = h.double()
+    cell_means = h.mean(0)                                               # (N, D)
+    between = cell_means.var(0, unbiased=False).sum()                    # variance of the cell means
+    within = (h - cell_means).square().mean((0, 1)).sum()                # mean variance around them
+    return float((between - within / (len(h) - 1)) / (between + within))
+
+# %% ../nbs/17_diagnostics.ipynb #d214aa9a
+def tubelet_pixels(video: torch.Tensor, tubelet: int, patch: int) -> torch.Tensor:
+    "Each token's own pixels (B, N, tubelet*patch*patch) of `video` (B, C, T, H, W), the channels averaged, in the encoder's token order."
+    return rearrange(video.mean(1), 'b (t pt) (h ph) (w pw) -> b (t h w) (pt ph pw)', pt=tubelet, ph=patch, pw=patch)
+
+# %% ../nbs/17_diagnostics.ipynb #b5899e9b
+def patch_r2(train_video, train_x, val_video, val_x, tubelet, patch, alpha=1.0) -> float:
+    """R² of a ridge map from each token's own pixels to its content, the features `x` (B, N, D) less each grid cell's mean
+    over the clips: fit on the training clips, scored on the validation clips."""
+    if min(len(train_x), len(val_x)) < 2: return math.nan                 # one clip: its content is all position
+    def content(x): return (x - x.mean(0, keepdim=True)).flatten(0, 1)
+    px_t, px_v = (content(tubelet_pixels(v, tubelet, patch)) for v in (train_video, val_video))
+    return r2_score(Ridge(alpha).fit(px_t, content(train_x)).predict(px_v), content(val_x))
+
 # %% ../nbs/17_diagnostics.ipynb #faf1fafb
 def _attention_probs(blk, x):
     "Softmax attention (B, heads, N, N) of a timm `Block` on its input `x` (B, N, D)."
@@ -197,20 +221,21 @@ def __call__(self: Diagnostics, target, init=None, online=None, attention=True) 
     pos_t, pos_v = torch.arange(ft.shape[1]).repeat(len(ft)), torch.arange(fv.shape[1]).repeat(len(fv))
     row = dict(rankme_target=rankme(fv), spread_target=token_spread(fv),
                probe_dsc=token_probe_dsc(ft.flatten(0, 1), yt, fv.flatten(0, 1), yv, self.n_classes),
-               pos_r2=position_r2(ft.flatten(0, 1), pos_t, fv.flatten(0, 1), pos_v, grid))
+               pos_r2=position_r2(ft.flatten(0, 1), pos_t, fv.flatten(0, 1), pos_v, grid), pos_share=position_share(fv),
+               patch_r2=patch_r2(self.train_video, ft, self.val_video, fv, tub, patch))
     if attention and has_timm_attention(target):
         dists = mean_attention_distance(attention_probs(target, inputs), grid)
         row.update(attn_dist=sum(dists) / len(dists), attn_dist_layers=dists)
     if init is not None: row['drift_target'] = param_drift(target, init)
     if online is not None:
         fo = fv if online is target else self.features(online, self.val_video)   # the initial state: one encoder, measured once
-        row.update(rankme_online=rankme(fo), spread_online=token_spread(fo))
+        row.update(rankme_online=rankme(fo), spread_online=token_spread(fo), pos_share_online=position_share(fo))
         if init is not None: row['drift_online'] = param_drift(online, init)
     return row
 
 # %% ../nbs/17_diagnostics.ipynb #b09d5795
 DIAGNOSTIC_KEYS = ('probe_dsc', 'rankme_target', 'rankme_online', 'spread_target', 'spread_online', 'drift_target',
-                   'drift_online', 'pos_r2', 'attn_dist')   # the scalar measures, in the order reports show them
+                   'drift_online', 'pos_r2', 'pos_share', 'pos_share_online', 'patch_r2', 'attn_dist')   # the scalar measures, in the order reports show them
 
 # %% ../nbs/17_diagnostics.ipynb #fed3316f
 COLLAPSE_KEYS = ('rankme_target', 'rankme_online', 'spread_target', 'spread_online')
@@ -244,13 +269,14 @@ def plot_diagnostics(rows: list, title: str = ''):
     step = [r['step'] for r in rows]
     panels = [('effective rank', ('rankme_target', 'rankme_online')), ('token spread', ('spread_target', 'spread_online')),
               ('drift from init', ('drift_target', 'drift_online')), ('token probe DSC (val)', ('probe_dsc',)),
-              ('position R² (val)', ('pos_r2',)), ('attention distance', ('attn_dist',)),
+              ('position R² (val)', ('pos_r2',)), ('what a token is', ('pos_share', 'pos_share_online', 'patch_r2')),
+              ('attention distance', ('attn_dist',)),
               ('encoder gradient per loss', tuple(f'grad_enc_{t}' for t in ('jepa', 'aux', 'std', 'sigreg')))]
     panels = [(name, keys) for name, keys in panels if any(k in rows[0] for k in keys)]   # VideoMAE has no loss terms
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.6))
     for ax, (name, keys) in zip(axes, panels):
         for k in keys:
-            if k in rows[0]: ax.plot(step, [r[k] for r in rows], marker='o', label=k.split('_')[-1] if len(keys) > 1 else None)
+            if k in rows[0]: ax.plot(step, [r[k] for r in rows], marker='o', label=k if len(keys) > 1 else None)
         ax.set_title(name, fontsize=9); ax.set_xlabel('step', fontsize=8)
         if name.startswith('encoder gradient'): ax.set_yscale('log')          # the terms differ by orders of magnitude
         if len(keys) > 1: ax.legend(fontsize=7)

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['data_root', 'prepare_data', 'clips', 'check_data', 'check_resume', 'build_models', 'grad_clip_at', 'PretrainingWatch',
            'pretrain', 'pretrained_encoder', 'probe_encoder', 'load_run', 'build_segmenter', 'segmenter_clips',
-           'train_segmenter', 'score_camus', 'evaluate_split']
+           'train_segmenter', 'score_camus', 'evaluate_split', 'export_encoder']
 
 # %% ../nbs/18_stages.ipynb #807464bd
 import copy, json, math, time, warnings
@@ -381,3 +381,24 @@ def evaluate_split(c: RunConfig, root, encoder, head, d: Dist = Dist(), split='t
     return score_camus(head.to(d.device), clips(c, root, split, 'eval'), None if encoder is None else encoder.to(d.device),
                        batch_size=c.probe_batch_size, amp_dtype=amp_dtype(c.precision, d.device), num_workers=c.num_workers,
                        progress=c.progress, resolution=c.eval_resolution)
+
+# %% ../nbs/18_stages.ipynb #62acf9c7
+def export_encoder(run_dir, path, overwrite=False) -> Path:
+    """Save the encoder of the finished run in `run_dir` (a V-JEPA pretraining's EMA target, or a `supervised` run's encoder,
+    trained end to end) as a V-JEPA checkpoint at `path`, with a seeded untrained predictor: a file for `init_checkpoint`."""
+    c = load_config(Path(run_dir) / 'config.json')
+    if c.method not in ('vjepa', 'vjepa_ll', 'supervised'):
+        raise ValueError(f"{run_dir}: method={c.method!r} has no V-JEPA encoder to export (vjepa, vjepa_ll or supervised)")
+    if Path(path).exists() and not overwrite: raise FileExistsError(f"{path} exists: choose another path, or overwrite=True")
+    if c.method == 'supervised':
+        ck = open_checkpoint(Path(run_dir) / 'probe.pt')
+        if int(ck['epoch']) + 1 < c.probe_epochs:
+            raise ValueError(f"{run_dir}: its training stopped after epoch {int(ck['epoch']) + 1} of {c.probe_epochs}")
+        segmenter, _ = build_segmenter(replace(c, init_checkpoint=''))
+        segmenter.load_state_dict(ck['head'])
+        encoder = segmenter.encoder
+    else: encoder = pretrained_encoder(c, c.pretrained_run or run_dir)
+    seed_everything(c.seed, 0)
+    predictor = build_predictor(encoder, **predictor_kwargs(c))
+    save_checkpoint(path, encoder, target_encoder=encoder, predictor=predictor)
+    return Path(path)
