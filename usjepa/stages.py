@@ -390,14 +390,16 @@ def export_encoder(run_dir, path, overwrite=False) -> Path:
     if c.method not in ('vjepa', 'vjepa_ll', 'supervised'):
         raise ValueError(f"{run_dir}: method={c.method!r} has no V-JEPA encoder to export (vjepa, vjepa_ll or supervised)")
     if Path(path).exists() and not overwrite: raise FileExistsError(f"{path} exists: choose another path, or overwrite=True")
+    src = Path(c.pretrained_run or run_dir)
+    name, epochs = ('probe.pt', c.probe_epochs) if c.method == 'supervised' else ('pretrain.pt', c.pretrain_epochs)
+    ck = open_checkpoint(src / name) if epochs else {}                  # `pretrain_epochs 0`: the seeded encoder, no file
+    if epochs and int(ck['epoch']) + 1 < epochs:
+        raise ValueError(f"{src / name}: its training stopped after epoch {int(ck['epoch']) + 1} of {epochs}")
     if c.method == 'supervised':
-        ck = open_checkpoint(Path(run_dir) / 'probe.pt')
-        if int(ck['epoch']) + 1 < c.probe_epochs:
-            raise ValueError(f"{run_dir}: its training stopped after epoch {int(ck['epoch']) + 1} of {c.probe_epochs}")
         segmenter, _ = build_segmenter(replace(c, init_checkpoint=''))
         segmenter.load_state_dict(ck['head'])
         encoder = segmenter.encoder
-    else: encoder = pretrained_encoder(c, c.pretrained_run or run_dir)
+    else: encoder = pretrained_encoder(c, src)
     seed_everything(c.seed, 0)
     predictor = build_predictor(encoder, **predictor_kwargs(c))
     save_checkpoint(path, encoder, target_encoder=encoder, predictor=predictor)
