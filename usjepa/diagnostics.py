@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['DIAGNOSTIC_KEYS', 'COLLAPSE_KEYS', 'rankme', 'token_spread', 'param_drift', 'tubelet_labels', 'Ridge', 'token_dice',
-           'token_probe_dsc', 'r2_score', 'position_r2', 'position_share', 'tubelet_pixels', 'patch_r2',
-           'has_timm_attention', 'block_inputs', 'attention_probs', 'attention_maps', 'mean_attention_distance',
-           'Diagnostics', 'collapse_warning', 'read_diagnostics', 'plot_diagnostics']
+           'token_probe_dsc', 'r2_score', 'position_r2', 'position_share', 'patch_r2', 'has_timm_attention',
+           'block_inputs', 'attention_probs', 'attention_maps', 'mean_attention_distance', 'Diagnostics',
+           'collapse_warning', 'read_diagnostics', 'plot_diagnostics']
 
 # %% ../nbs/17_diagnostics.ipynb #ab3f4ec1
 import json, math, warnings
@@ -22,6 +22,7 @@ from timm.layers import Attention
 from .core import read_jsonl
 from .localization import token_coords
 from .probe import frozen_features
+from .videomae import tubelet_pixels
 
 # %% ../nbs/17_diagnostics.ipynb #9e014d99
 def rankme(z: torch.Tensor,   # (..., D) embeddings; every leading dimension counts as samples
@@ -117,18 +118,13 @@ def position_share(h: torch.Tensor) -> float:
     within = (h - cell_means).square().mean((0, 1)).sum()                # mean variance around them
     return float((between - within / (len(h) - 1)) / (between + within))
 
-# %% ../nbs/17_diagnostics.ipynb #d214aa9a
-def tubelet_pixels(video: torch.Tensor, tubelet: int, patch: int) -> torch.Tensor:
-    "Each token's own pixels (B, N, tubelet*patch*patch) of `video` (B, C, T, H, W), the channels averaged, in the encoder's token order."
-    return rearrange(video.mean(1), 'b (t pt) (h ph) (w pw) -> b (t h w) (pt ph pw)', pt=tubelet, ph=patch, pw=patch)
-
 # %% ../nbs/17_diagnostics.ipynb #b5899e9b
 def patch_r2(train_video, train_x, val_video, val_x, tubelet, patch, alpha=1.0) -> float:
     """R² of a ridge map from each token's own pixels to its content, the features `x` (B, N, D) less each grid cell's mean
     over the clips: fit on the training clips, scored on the validation clips."""
     if min(len(train_x), len(val_x)) < 2: return math.nan                 # one clip: its content is all position
     def content(x): return (x - x.mean(0, keepdim=True)).flatten(0, 1)
-    px_t, px_v = (content(tubelet_pixels(v, tubelet, patch)) for v in (train_video, val_video))
+    px_t, px_v = (content(tubelet_pixels(v, tubelet, patch).mean(-1)) for v in (train_video, val_video))   # channels averaged
     return r2_score(Ridge(alpha).fit(px_t, content(train_x)).predict(px_v), content(val_x))
 
 # %% ../nbs/17_diagnostics.ipynb #faf1fafb
