@@ -390,6 +390,7 @@ def export_encoder(run_dir, path, overwrite=False) -> Path:
     if c.method not in ('vjepa', 'vjepa_ll', 'supervised'):
         raise ValueError(f"{run_dir}: method={c.method!r} has no V-JEPA encoder to export (vjepa, vjepa_ll or supervised)")
     if Path(path).exists() and not overwrite: raise FileExistsError(f"{path} exists: choose another path, or overwrite=True")
+    if not Path(path).parent.is_dir(): raise FileNotFoundError(f"folder does not exist: {Path(path).parent}")
     src = Path(c.pretrained_run or run_dir)
     name, epochs = ('probe.pt', c.probe_epochs) if c.method == 'supervised' else ('pretrain.pt', c.pretrain_epochs)
     ck = open_checkpoint(src / name) if epochs else {}                  # `pretrain_epochs 0`: the seeded encoder, no file
