@@ -6,7 +6,7 @@
 __all__ = ['DIAGNOSTIC_KEYS', 'COLLAPSE_KEYS', 'rankme', 'token_spread', 'param_drift', 'tubelet_labels', 'Ridge', 'token_dice',
            'token_probe_dsc', 'r2_score', 'position_r2', 'position_share', 'patch_r2', 'has_timm_attention',
            'block_inputs', 'attention_probs', 'attention_maps', 'mean_attention_distance', 'Diagnostics',
-           'collapse_warning', 'read_diagnostics', 'plot_diagnostics']
+           'collapse_warning', 'read_diagnostics', 'diagnostics_cost', 'plot_diagnostics']
 
 # %% ../nbs/17_diagnostics.ipynb #ab3f4ec1
 import json, math, warnings
@@ -255,6 +255,13 @@ def read_diagnostics(run_dir) -> list:
     init = run_dir / 'diagnostics_init.json'
     rows = [r for r in read_jsonl(run_dir / 'pretrain_log.jsonl') if 'rankme_target' in r]
     return ([dict(json.loads(init.read_text()), epoch=-1, step=0)] if init.exists() else []) + rows
+
+# %% ../nbs/17_diagnostics.ipynb #c5eada9b
+def diagnostics_cost(rows: list) -> dict:
+    "Seconds of the diagnostics and of the epochs' loading and steps in `read_diagnostics` rows, and the first as % of the second."
+    diag_s = sum(r.get('diag_s', 0.) for r in rows)
+    steps_s = sum(r.get('epoch_s', 0.) for r in rows)
+    return dict(diag_s=diag_s, steps_s=steps_s, pct=100 * diag_s / steps_s if steps_s else math.nan)
 
 # %% ../nbs/17_diagnostics.ipynb #cf28f09e
 def plot_diagnostics(rows: list, title: str = ''):

@@ -109,16 +109,18 @@ class PretrainingWatch:
         self.on, self.is_videomae = c.diagnostics and d.is_main, c.method == 'videomae'   # VideoMAE: no EMA target
         self.path, self.first = Path(c.out_dir) / 'diagnostics_init.json', None
         if not self.on: return
+        t0 = time.perf_counter()
         self.init = copy.deepcopy(model.encoder).requires_grad_(False)          # the encoder before any step
         self.diag = Diagnostics.from_datasets(clips(c, root, 'train', 'eval'), clips(c, root, 'val', 'eval'),
                                               n_train=2 * c.diag_clips, n_val=c.diag_clips)
-        if self.is_videomae: return
-        # the gradient of each loss term: one fixed training clip under fixed masks, with this run's loss weights
-        self.grad_video = self.diag.train_video[:1].to(d.device)
-        self.grad_masks = [(ci.to(d.device), ti.to(d.device))
-                           for ci, ti in vjepa_masks(1, model.grid, generator=torch.Generator().manual_seed(0))]
-        self.loss_kw = dict(aux=aux, lam=c.lam, reg_coeff=c.reg_coeff, sigreg_coeff=c.sigreg_coeff)
-        self.grads0 = None if self.path.exists() else self.gradients(model)    # before the resume: the initial model
+        if not self.is_videomae:
+            # the gradient of each loss term: one fixed training clip under fixed masks, with this run's loss weights
+            self.grad_video = self.diag.train_video[:1].to(d.device)
+            self.grad_masks = [(ci.to(d.device), ti.to(d.device))
+                               for ci, ti in vjepa_masks(1, model.grid, generator=torch.Generator().manual_seed(0))]
+            self.loss_kw = dict(aux=aux, lam=c.lam, reg_coeff=c.reg_coeff, sigreg_coeff=c.sigreg_coeff)
+            self.grads0 = None if self.path.exists() else self.gradients(model)    # before the resume: the initial model
+        self.setup_s = time.perf_counter() - t0                                  # counted in the initial measures' diag_s
 
     def gradients(self, model) -> dict:
         "`grad_enc_<term>`: the encoder gradient norm of each weighted loss term; the global random state is left as it was."
@@ -129,24 +131,26 @@ class PretrainingWatch:
 
     def measure(self, target, online=None) -> dict:
         "Measures of `target` (the encoder the probe reads) against the initial encoder, and of the `online` encoder."
-        t0 = time.perf_counter()
-        row = self.diag(target, init=self.init, online=online)
-        return dict(row, diag_s=time.perf_counter() - t0)
+        return self.diag(target, init=self.init, online=online)
 
     def start(self):
         "The initial measures (of the kept initial encoder, so also right after a resume): from `diagnostics_init.json`, or made now."
         if not self.on: return
         if self.path.exists(): self.first = json.loads(self.path.read_text())
         else:
+            t0 = time.perf_counter()
             self.first = self.measure(self.init, online=None if self.is_videomae else self.init)
             if not self.is_videomae: self.first.update(self.grads0)
+            self.first['diag_s'] = self.setup_s + time.perf_counter() - t0      # the fixed clips, first gradients, measures
             write_text_atomic(self.path, json.dumps(self.first, indent=1))
 
     def __call__(self, model, epoch) -> dict:
         "This epoch's measures (empty when off); warns when the run collapses."
         if not self.on: return {}
+        t0 = time.perf_counter()
         row = self.measure(model.encoder, None) if self.is_videomae else \
             dict(self.measure(model.target_encoder, model.encoder), **self.gradients(model))
+        row['diag_s'] = time.perf_counter() - t0                                # all the diagnostics cost this epoch
         msg = collapse_warning(self.first, dict(row, epoch=epoch))
         if msg:
             print(f"\n*** {msg} ***\n")
@@ -239,7 +243,7 @@ def pretrain(c: RunConfig, root, d: Dist = Dist(), on_epoch_end=None):
         seed_everything(c.seed, 1, epoch, d.rank)
         sampler.set_epoch(epoch)
         gen = torch.Generator().manual_seed(seed_everything(c.seed, 2, epoch, d.rank))
-        clip, rows = grad_clip_at(c, epoch), []
+        clip, rows, t0 = grad_clip_at(c, epoch), [], time.perf_counter()
         for i, b in enumerate(dl):
             sched = schedule_at(epoch * len(dl) + i, steps, warm, start_lr=c.start_lr, ref_lr=c.lr, final_lr=c.final_lr,
                                 wd=c.weight_decay, final_wd=c.final_weight_decay, ema=(c.ema_start, c.ema_end),
@@ -247,7 +251,7 @@ def pretrain(c: RunConfig, root, d: Dist = Dist(), on_epoch_end=None):
             rows.append(step_fn(b['video'].to(d.device, non_blocking=True), sched, clip, gen))
             _check_finite('pretrain', epoch, i, rows[-1], ckpt_path)
         row = dict(epoch=epoch, step=(epoch + 1) * len(dl), **{k: mean_or_nan([r[k] for r in rows]) for k in stats},
-                   lr=opt.param_groups[0]['lr'])
+                   lr=opt.param_groups[0]['lr'], epoch_s=time.perf_counter() - t0)   # loading and steps
         bar.set_postfix(loss=f"{row['loss']:.4f}")
         if d.is_main:
             row.update(watch(model, epoch))
