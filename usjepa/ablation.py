@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['PAPER_RECIPE', 'LEVERS', 'ABLATION_KEYS', 'lever_config', 'run_ablation', 'ablation_rows', 'ablation_table',
-           'seed_differences', 'learning_curve', 'plot_learning_curve']
+           'seed_differences', 'learning_curve', 'plot_learning_curve', 'probe_curve', 'plot_probe_curve']
 
 # %% ../nbs/22_ablation.ipynb #cf9ea430
 import json, math, statistics, time
@@ -12,7 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .core import read_jsonl, progress_bar
-from .config import RunConfig, validate, prepare_run_dir
+from .config import RunConfig, validate, prepare_run_dir, load_config
 from .stages import prepare_data, pretrain
 from .diagnostics import DIAGNOSTIC_KEYS
 
@@ -126,4 +126,31 @@ def plot_learning_curve(run_dirs, key='probe_dsc', ax=None):
         ax.plot([r['step'] for r in lc], [r[key] for r in lc], 'o-', ms=3, color=f'C{k}', label=p.name)
         ax.axhline(lc[0][key], ls='--', lw=0.8, color=f'C{k}')
     ax.set_xlabel('pretraining steps'); ax.set_ylabel(key); ax.legend(fontsize=7)
+    return ax
+
+# %% ../nbs/22_ablation.ipynb #ada03b72
+def probe_curve(run_dirs) -> list:
+    """The full probe along pretraining: for each finished run folder (one that pretrained itself, a random encoder with
+    `pretrain_epochs 0`, or a probe of a kept checkpoint: `pretrained_run` + `pretrained_epoch`), the pretraining steps
+    its encoder had and the mean DSC of the paper's classes on validation and test; sorted by steps."""
+    rows = []
+    for p in map(Path, run_dirs):
+        if not (p / 'summary.json').exists(): raise FileNotFoundError(f"{p}: no summary.json; not a finished run folder")
+        c, s = load_config(p / 'config.json'), json.loads((p / 'summary.json').read_text())
+        src, epochs = Path(c.pretrained_run or p), c.pretrained_epoch or c.pretrain_epochs
+        step = {r['epoch']: r['step'] for r in read_jsonl(src / 'pretrain_log.jsonl')}   # the log of the pretraining probed
+        if epochs and epochs - 1 not in step: raise ValueError(f"{src}: its pretrain_log.jsonl has no epoch {epochs}")
+        rows.append(dict(run=p.name, steps=step[epochs - 1] if epochs else 0,
+                         val=s['summary_val']['paper:mean']['dsc']['mean'], test=s['summary']['paper:mean']['dsc']['mean']))
+    return sorted(rows, key=lambda r: r['steps'])
+
+# %% ../nbs/22_ablation.ipynb #f33bd1b2
+def plot_probe_curve(rows, ax=None):
+    "`probe_curve` rows: validation and test mean DSC against pretraining steps, the random encoder's (step 0) dashed."
+    import matplotlib.pyplot as plt
+    ax = ax or plt.subplots(figsize=(5, 3))[1]
+    for k, split in enumerate(('val', 'test')):
+        ax.plot([r['steps'] for r in rows], [r[split] for r in rows], 'o-', ms=3, color=f'C{k}', label=split)
+        ax.axhline(rows[0][split], ls='--', lw=0.8, color=f'C{k}')
+    ax.set_xscale('symlog', linthresh=100); ax.set_xlabel('pretraining steps'); ax.set_ylabel('probe mean DSC'); ax.legend(fontsize=7)
     return ax

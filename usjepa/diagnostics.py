@@ -249,11 +249,12 @@ def collapse_warning(init: dict, row: dict, ratio: float = 0.5):
                   "(reg_coeff, sigreg_coeff) may help; read the diagnostics, not the loss.")
 
 # %% ../nbs/17_diagnostics.ipynb #450ada3f
-def read_diagnostics(run_dir) -> list:
-    "The diagnostics of a run folder's pretraining: the initial measures (epoch -1, step 0), then one row per epoch."
+def read_diagnostics(run_dir, epochs: int = 0) -> list:
+    """The diagnostics of a run folder's pretraining: the initial measures (epoch -1, step 0), then one row per epoch
+    (only the first `epochs` of them when > 0: what a checkpoint kept after them had seen)."""
     run_dir = Path(run_dir)
     init = run_dir / 'diagnostics_init.json'
-    rows = [r for r in read_jsonl(run_dir / 'pretrain_log.jsonl') if 'rankme_target' in r]
+    rows = [r for r in read_jsonl(run_dir / 'pretrain_log.jsonl') if 'rankme_target' in r and (not epochs or r['epoch'] < epochs)]
     return ([dict(json.loads(init.read_text()), epoch=-1, step=0)] if init.exists() else []) + rows
 
 # %% ../nbs/17_diagnostics.ipynb #c5eada9b

@@ -58,7 +58,7 @@ def _run(c: RunConfig, d, on_epoch_end=None) -> dict:
         test_clips = clips(c, root, 'test', 'eval')
         figs = dict(losses=plot_losses(out), qualitative=qualitative_figure(test_clips, head, encoder, d.device))
         if 'EF' in m.summary(): figs['ef'] = plot_ef(ef_table(m, strict=False))
-        diag = read_diagnostics(c.pretrained_run or out)                 # the pretraining's, also when it was reused
+        diag = read_diagnostics(c.pretrained_run or out, c.pretrained_epoch)   # the pretraining's, also when it was reused
         if diag: figs['diagnostics'] = plot_diagnostics(diag, f"{c.method}: the encoder the probe reads (target) and the online encoder")
         for name, fig in figs.items():
             fig.savefig(out / f'{name}.png', dpi=100)

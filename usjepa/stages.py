@@ -8,7 +8,7 @@ __all__ = ['data_root', 'prepare_data', 'clips', 'check_data', 'check_resume', '
            'train_segmenter', 'score_camus', 'evaluate_split', 'export_encoder']
 
 # %% ../nbs/18_stages.ipynb #807464bd
-import copy, json, math, time, warnings
+import copy, json, math, shutil, time, warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from .core import progress_bar
 
 from .core import (Dist, ddp, amp_dtype, seed_everything, append_jsonl,
-                         truncate_jsonl, save_torch, write_text_atomic, mean_or_nan)
+                         truncate_jsonl, save_torch, atomic_write, write_text_atomic, mean_or_nan)
 from .data import CamusClips, find_camus_root, parse_cfg, read_sequence
 from .phantom import write_camus_phantom
 from .masking import vjepa_masks
@@ -30,7 +30,8 @@ from .scores import SegMetrics
 from .probe import SegmentationHead, LayerFeatures, freeze_encoder
 from .training import FeatureCache, ProbeLoop, train_probe, evaluate
 from .baselines import ClipUNet, EndToEnd
-from .config import RunConfig, load_config, END_TO_END, encoder_kwargs, predictor_kwargs, parse_layers, _views
+from .config import (RunConfig, load_config, END_TO_END, encoder_kwargs, predictor_kwargs, parse_layers, _views,
+                           kept_epochs, kept_checkpoint)
 from .diagnostics import Diagnostics, collapse_warning
 
 # %% ../nbs/18_stages.ipynb #470236e6
@@ -257,6 +258,8 @@ def pretrain(c: RunConfig, root, d: Dist = Dist(), on_epoch_end=None):
             row.update(watch(model, epoch))
             append_jsonl(log_path, row)      # the row first: a resume drops rows past the checkpoint, never loses one
             _save_pretraining(c, ckpt_path, model, opt, aux, epoch, row, d)
+            if epoch + 1 in kept_epochs(c):  # a copy to probe later (`pretrained_epoch`): the next epoch replaces pretrain.pt
+                with atomic_write(kept_checkpoint(out, epoch + 1)) as tmp: shutil.copyfile(ckpt_path, tmp)
         d.barrier()
         if on_epoch_end is not None: on_epoch_end('pretrain', epoch, row)
     return model
@@ -264,8 +267,9 @@ def pretrain(c: RunConfig, root, d: Dist = Dist(), on_epoch_end=None):
 # %% ../nbs/18_stages.ipynb #e1e89ed7
 def pretrained_encoder(c: RunConfig, run_dir):
     """The encoder that the finished pretraining in `run_dir` hands to the probe: V-JEPA's EMA target, or VideoMAE's
-    encoder; for a run with `pretrain_epochs 0`, which saves no `pretrain.pt`, the seeded encoder `pretrain` starts from."""
-    path = Path(run_dir) / 'pretrain.pt'
+    encoder (with `pretrained_epoch` N, as it was after N epochs); for a run with `pretrain_epochs 0`, which saves no
+    `pretrain.pt`, the seeded encoder `pretrain` starts from."""
+    path = kept_checkpoint(run_dir, c.pretrained_epoch) if c.pretrained_epoch else Path(run_dir) / 'pretrain.pt'
     if c.pretrain_epochs == 0 and not path.exists():   # nothing trained: rebuild it as `pretrain` seeds and builds it
         seed_everything(c.seed, 0)
         model, _ = build_models(c)
@@ -396,10 +400,12 @@ def export_encoder(run_dir, path, overwrite=False) -> Path:
     if Path(path).exists() and not overwrite: raise FileExistsError(f"{path} exists: choose another path, or overwrite=True")
     if not Path(path).parent.is_dir(): raise FileNotFoundError(f"folder does not exist: {Path(path).parent}")
     src = Path(c.pretrained_run or run_dir)
-    name, epochs = ('probe.pt', c.probe_epochs) if c.method == 'supervised' else ('pretrain.pt', c.pretrain_epochs)
-    ck = open_checkpoint(src / name) if epochs else {}                  # `pretrain_epochs 0`: the seeded encoder, no file
+    if c.method == 'supervised': trained, epochs = src / 'probe.pt', c.probe_epochs
+    elif c.pretrained_epoch: trained, epochs = kept_checkpoint(src, c.pretrained_epoch), c.pretrained_epoch
+    else: trained, epochs = src / 'pretrain.pt', c.pretrain_epochs
+    ck = open_checkpoint(trained) if epochs else {}                    # `pretrain_epochs 0`: the seeded encoder, no file
     if epochs and int(ck['epoch']) + 1 < epochs:
-        raise ValueError(f"{src / name}: its training stopped after epoch {int(ck['epoch']) + 1} of {epochs}")
+        raise ValueError(f"{trained}: its training stopped after epoch {int(ck['epoch']) + 1} of {epochs}")
     if c.method == 'supervised':
         segmenter, _ = build_segmenter(replace(c, init_checkpoint=''))
         segmenter.load_state_dict(ck['head'])
