@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['PAPER_RECIPE', 'LEVERS', 'ABLATION_KEYS', 'lever_config', 'run_ablation', 'ablation_rows', 'ablation_table',
-           'seed_differences', 'learning_curve', 'plot_learning_curve', 'probe_curve', 'plot_probe_curve']
+           'seed_differences', 'learning_curve', 'plot_learning_curve', 'probe_curve', 'curve_by_steps',
+           'plot_probe_curve', 'curve_vs_random']
 
 # %% ../nbs/22_ablation.ipynb #cf9ea430
 import json, math, statistics, time
@@ -15,6 +16,7 @@ from .core import read_jsonl, progress_bar
 from .config import RunConfig, validate, prepare_run_dir, load_config
 from .stages import prepare_data, pretrain
 from .diagnostics import DIAGNOSTIC_KEYS
+from .scores import paired_test
 
 # %% ../nbs/22_ablation.ipynb #a2f96012
 PAPER_RECIPE = dict(sigreg_coeff=0.)      # the paper's loss at CPU scale: RunConfig's defaults without SIGReg
@@ -132,7 +134,7 @@ def plot_learning_curve(run_dirs, key='probe_dsc', ax=None):
 def probe_curve(run_dirs) -> list:
     """The full probe along pretraining: for each finished run folder (one that pretrained itself, a random encoder with
     `pretrain_epochs 0`, or a probe of a kept checkpoint: `pretrained_run` + `pretrained_epoch`), the pretraining steps
-    its encoder had and the mean DSC of the paper's classes on validation and test; sorted by steps."""
+    its encoder had, its seed and the mean DSC of the paper's classes on validation and test; sorted by steps."""
     rows = []
     for p in map(Path, run_dirs):
         if not (p / 'summary.json').exists(): raise FileNotFoundError(f"{p}: no summary.json; not a finished run folder")
@@ -140,17 +142,47 @@ def probe_curve(run_dirs) -> list:
         src, epochs = Path(c.pretrained_run or p), c.pretrained_epoch or c.pretrain_epochs
         step = {r['epoch']: r['step'] for r in read_jsonl(src / 'pretrain_log.jsonl')}   # the log of the pretraining probed
         if epochs and epochs - 1 not in step: raise ValueError(f"{src}: its pretrain_log.jsonl has no epoch {epochs}")
-        rows.append(dict(run=p.name, steps=step[epochs - 1] if epochs else 0,
+        rows.append(dict(run=p.name, dir=str(p), seed=c.seed, steps=step[epochs - 1] if epochs else 0,
                          val=s['summary_val']['paper:mean']['dsc']['mean'], test=s['summary']['paper:mean']['dsc']['mean']))
     return sorted(rows, key=lambda r: r['steps'])
 
+# %% ../nbs/22_ablation.ipynb #0cdc8385
+def curve_by_steps(rows) -> list:
+    "`probe_curve` rows gathered per number of steps: the seeds, and the mean and sample sd of validation and test DSC."
+    out = []
+    for n in sorted({r['steps'] for r in rows}):
+        rs = [r for r in rows if r['steps'] == n]
+        (val, val_sd), (test, test_sd) = _mean_sd([r['val'] for r in rs]), _mean_sd([r['test'] for r in rs])
+        out.append(dict(steps=n, seeds=sorted(r['seed'] for r in rs), val=val, val_sd=val_sd, test=test, test_sd=test_sd))
+    return out
+
 # %% ../nbs/22_ablation.ipynb #f33bd1b2
 def plot_probe_curve(rows, ax=None):
-    "`probe_curve` rows: validation and test mean DSC against pretraining steps, the random encoder's (step 0) dashed."
+    "`probe_curve` rows: validation and test mean DSC against pretraining steps, each seed thin, their mean bold; the random encoders' mean (step 0) dashed."
     import matplotlib.pyplot as plt
     ax = ax or plt.subplots(figsize=(5, 3))[1]
+    seeds, means = sorted({r['seed'] for r in rows}), curve_by_steps(rows)
     for k, split in enumerate(('val', 'test')):
-        ax.plot([r['steps'] for r in rows], [r[split] for r in rows], 'o-', ms=3, color=f'C{k}', label=split)
-        ax.axhline(rows[0][split], ls='--', lw=0.8, color=f'C{k}')
+        for s in seeds if len(seeds) > 1 else ():
+            rs = [r for r in rows if r['seed'] == s]
+            ax.plot([r['steps'] for r in rs], [r[split] for r in rs], '-', lw=0.6, alpha=0.5, color=f'C{k}')
+        label = split if len(seeds) == 1 else f'{split}, mean of {len(seeds)} seeds'
+        ax.plot([m['steps'] for m in means], [m[split] for m in means], 'o-', ms=3, color=f'C{k}', label=label)
+        if means[0]['steps'] == 0: ax.axhline(means[0][split], ls='--', lw=0.8, color=f'C{k}')
     ax.set_xscale('symlog', linthresh=100); ax.set_xlabel('pretraining steps'); ax.set_ylabel('probe mean DSC'); ax.legend(fontsize=7)
     return ax
+
+# %% ../nbs/22_ablation.ipynb #8c191762
+def curve_vs_random(rows, split='test') -> list:
+    """Each pretrained point of `probe_curve` rows against the random encoder (0 steps) of its seed: the mean
+    per-sequence difference of the paper's mean DSC on `split` ('val' or 'test'), its 95 % CI and Wilcoxon p."""
+    if split not in ('val', 'test'): raise ValueError(f"split must be 'val' or 'test', got {split!r}")
+    fname = 'metrics.json' if split == 'test' else 'metrics_val.json'
+    random = {r['seed']: r for r in rows if r['steps'] == 0}
+    out = []
+    for r in rows:
+        if r['steps'] == 0: continue
+        if r['seed'] not in random: raise ValueError(f"{r['run']}: no random encoder (a run of 0 steps) of seed {r['seed']} among the rows")
+        t = paired_test(Path(r['dir'], fname), Path(random[r['seed']]['dir'], fname), by='sequence')
+        out.append(dict(run=r['run'], seed=r['seed'], steps=r['steps'], diff=t['diff_mean'], ci95=t['ci95'], p=t['p_value']))
+    return out
