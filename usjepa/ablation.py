@@ -158,7 +158,7 @@ def curve_by_steps(rows) -> list:
 
 # %% ../nbs/22_ablation.ipynb #f33bd1b2
 def plot_probe_curve(rows, ax=None):
-    "`probe_curve` rows: validation and test mean DSC against pretraining steps, each seed thin, their mean bold; the random encoders' mean (step 0) dashed."
+    "`probe_curve` rows: validation and test mean DSC against pretraining steps, each seed thin, their mean bold where every seed has a point; the random encoders' mean (step 0) dashed."
     import matplotlib.pyplot as plt
     ax = ax or plt.subplots(figsize=(5, 3))[1]
     seeds, means = sorted({r['seed'] for r in rows}), curve_by_steps(rows)
@@ -166,10 +166,11 @@ def plot_probe_curve(rows, ax=None):
         for s in seeds if len(seeds) > 1 else ():
             rs = [r for r in rows if r['seed'] == s]
             ax.plot([r['steps'] for r in rs], [r[split] for r in rs], '-', lw=0.6, alpha=0.5, color=f'C{k}')
+        full = [m for m in means if len(m['seeds']) == len(seeds)]     # the mean only where every seed has a point
         label = split if len(seeds) == 1 else f'{split}, mean of {len(seeds)} seeds'
-        ax.plot([m['steps'] for m in means], [m[split] for m in means], 'o-', ms=3, color=f'C{k}', label=label)
+        ax.plot([m['steps'] for m in full], [m[split] for m in full], 'o-', ms=3, color=f'C{k}', label=label)
         if means[0]['steps'] == 0: ax.axhline(means[0][split], ls='--', lw=0.8, color=f'C{k}')
-    ax.set_xscale('symlog', linthresh=100); ax.set_xlabel('pretraining steps'); ax.set_ylabel('probe mean DSC'); ax.legend(fontsize=7)
+    ax.set_xscale('symlog', linthresh=100); ax.set_xlim(left=0); ax.set_xlabel('pretraining steps'); ax.set_ylabel('probe mean DSC'); ax.legend(fontsize=7)
     return ax
 
 # %% ../nbs/22_ablation.ipynb #8c191762
