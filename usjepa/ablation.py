@@ -158,7 +158,8 @@ def curve_by_steps(rows) -> list:
 
 # %% ../nbs/22_ablation.ipynb #f33bd1b2
 def plot_probe_curve(rows, ax=None):
-    "`probe_curve` rows: validation and test mean DSC against pretraining steps, each seed thin, their mean bold where every seed has a point; the random encoders' mean (step 0) dashed."
+    """`probe_curve` rows: validation and test mean DSC against pretraining steps; each seed thin, their mean bold where
+    every seed has a point, the random encoders' mean (step 0) dashed."""
     import matplotlib.pyplot as plt
     ax = ax or plt.subplots(figsize=(5, 3))[1]
     seeds, means = sorted({r['seed'] for r in rows}), curve_by_steps(rows)
@@ -170,7 +171,8 @@ def plot_probe_curve(rows, ax=None):
         label = split if len(seeds) == 1 else f'{split}, mean of {len(seeds)} seeds'
         ax.plot([m['steps'] for m in full], [m[split] for m in full], 'o-', ms=3, color=f'C{k}', label=label)
         if means[0]['steps'] == 0: ax.axhline(means[0][split], ls='--', lw=0.8, color=f'C{k}')
-    ax.set_xscale('symlog', linthresh=100); ax.set_xlim(left=0); ax.set_xlabel('pretraining steps'); ax.set_ylabel('probe mean DSC'); ax.legend(fontsize=7)
+    ax.set_xscale('symlog', linthresh=100); ax.set_xlim(left=0)
+    ax.set_xlabel('pretraining steps'); ax.set_ylabel('probe mean DSC'); ax.legend(fontsize=7)
     return ax
 
 # %% ../nbs/22_ablation.ipynb #8c191762
@@ -183,7 +185,8 @@ def curve_vs_random(rows, split='test') -> list:
     out = []
     for r in rows:
         if r['steps'] == 0: continue
-        if r['seed'] not in random: raise ValueError(f"{r['run']}: no random encoder (a run of 0 steps) of seed {r['seed']} among the rows")
+        if r['seed'] not in random:
+            raise ValueError(f"{r['run']}: no random encoder (a run of 0 steps) of seed {r['seed']} among the rows")
         t = paired_test(Path(r['dir'], fname), Path(random[r['seed']]['dir'], fname), by='sequence')
         out.append(dict(run=r['run'], seed=r['seed'], steps=r['steps'], diff=t['diff_mean'], ci95=t['ci95'], p=t['p_value']))
     return out
