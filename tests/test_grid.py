@@ -1,4 +1,4 @@
-"The experiment grid through papermill: a tiny grid end to end, re-running fills only gaps, a failed job is reported and blocks its probe jobs."
+"The experiment grid through papermill: a tiny grid end to end (two jobs at a time), re-running fills only gaps, a failed job is reported and blocks its probe jobs."
 import json
 from pathlib import Path
 
@@ -12,7 +12,7 @@ TINY = {**PRESETS['tiny'], 'methods': ('unet', 'vjepa'), 'label_fractions': (1.0
 def test_a_tiny_grid_end_to_end(tmp_path):
     jobs = check_plan(plan(TINY, tmp_path))
     assert [j.name for j in jobs] == ['unet-lf1-seed0', 'unet-lf0.5-seed0', 'vjepa-fb0-lf1-seed0', 'vjepa-fb0-lf0.5-seed0']
-    assert run_grid(jobs, tmp_path, notebook=NB, progress=False) == {j.name: 'ran' for j in jobs}
+    assert run_grid(jobs, tmp_path, notebook=NB, progress=False, workers=2) == {j.name: 'ran' for j in jobs}   # two at a time
     probe = tmp_path / 'vjepa-fb0-lf0.5-seed0'
     cfg = json.loads((probe / 'config.json').read_text())
     assert cfg['pretrained_run'] == str(tmp_path / 'vjepa-fb0-lf1-seed0') and cfg['label_fraction'] == 0.5

@@ -4,9 +4,11 @@
 
 # %% ../nbs/21_grid.ipynb #07229803
 from __future__ import annotations
-import json, math, os, sys, time, traceback
+import json, math, os, pickle, sys, time, traceback
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, FIRST_COMPLETED, wait
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +32,7 @@ PRESETS = dict(
                per_method=dict(videomae=dict(predictor_dim=512, predictor_depth=4))),
     cpu=dict(base=dict(synthetic_patients=80, synthetic_size=96, img_size=64, num_frames=8, pretrain_epochs=5, warmup_epochs=1,
                        probe_epochs=10), methods=('supervised', 'unet', 'random', 'videomae', 'vjepa', 'vjepa_ll'),
-             lams=(0.75, 0.25),
+             lams=(0.25,),
              frozen_blocks=(0,), label_fractions=(1.0, 0.25), seeds=(0, 1, 2), per_method={}),
     tiny=dict(base=dict(synthetic_patients=6, synthetic_size=64, img_size=32, patch_size=8, num_frames=4, frame_step=2,
                         predictor_dim=48, predictor_depth=1, probe_dim=32, batch_size=2, probe_batch_size=4,
@@ -152,12 +154,42 @@ def find_notebook(name='train.ipynb') -> Path:
     raise FileNotFoundError(f"{name} is neither in {Path.cwd()} nor in its nbs/ folder: run the grid from the repository root or from nbs/")
 
 # %% ../nbs/21_grid.ipynb #1e5e01ea
-def run_grid(jobs, out_root, notebook=None, execute=papermill_execute, progress=True) -> dict:
-    """Run every job that has no result (`notebook`: the training notebook, found by `find_notebook` if None);
-    returns {name: 'done' | 'ran' | 'failed' | 'blocked'} for this pass."""
-    out_root, result = Path(out_root), {}
+def _attempt(execute, notebook, job: Job, out_root) -> str:
+    "Run one job: 'ran', or 'failed' with the reason in its folder's error.txt (one failed run must not stop the grid)."
+    d = Path(out_root) / job.name
+    d.mkdir(parents=True, exist_ok=True)
+    (d / 'error.txt').unlink(missing_ok=True)
+    try: execute(notebook, d / 'train.ipynb', {**job.params, 'progress': False})
+    except Exception as e:
+        first = f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', e)}"   # papermill: the notebook's error
+        (d / 'error.txt').write_text(f"{first}\n\n{traceback.format_exc()}")
+        return 'failed'
+    return 'ran' if status(job, out_root) == 'done' else 'failed'
+
+def _use_threads(n):
+    "A worker process's torch threads: the kernels papermill starts inherit this environment."
+    os.environ['OMP_NUM_THREADS'] = str(n)
+
+class _InProcess(Executor):
+    "One job at a time in this process (`workers=1`): `execute` may be any callable, a closure included."
+    def submit(self, fn, *args):
+        f = Future()
+        f.set_result(fn(*args))
+        return f
+
+# %% ../nbs/21_grid.ipynb #5b0e7c21
+def run_grid(jobs, out_root, notebook=None, execute=papermill_execute, progress=True, workers=1) -> dict:
+    """Run every job that has no result (`notebook`: the training notebook, found by `find_notebook` if None), `workers`
+    at a time, each in a process of its own with cpu_count // workers torch threads; a probe job starts once its
+    pretraining is done. Returns {name: 'done' | 'ran' | 'failed' | 'blocked'} for this pass."""
+    out_root = Path(out_root)
     notebook = find_notebook() if notebook is None else Path(notebook)
     if not notebook.is_file(): raise FileNotFoundError(f"the training notebook {notebook} does not exist")
+    if not (isinstance(workers, int) and workers >= 1): raise ValueError(f"workers must be a whole number >= 1, not {workers!r}")
+    if workers > 1:
+        try: pickle.dumps(execute)
+        except Exception: raise ValueError(f"workers={workers} runs jobs in other processes: execute must be a module-level "
+                                           f"function, not {execute!r}") from None
     bad = [j.name for j in jobs if Path(j.params['out_dir']) != out_root / j.name]
     if bad: raise ValueError(f"jobs {bad[:3]} were planned for another out_root than {out_root}")
     stale = [f"{j.name} ({'; '.join(config_diff(j, out_root) or ['no config.json'])})" for j in jobs if status(j, out_root) == 'stale']
@@ -165,23 +197,31 @@ def run_grid(jobs, out_root, notebook=None, execute=papermill_execute, progress=
         raise ValueError(f"{len(stale)} finished jobs in {out_root} were run with other parameters than planned: "
                          + ', '.join(stale[:5]) + ". Give this grid a new out_root, or delete those folders to re-run them")
     by_name = {j.name: j for j in jobs}
-    for i, job in enumerate(jobs, 1):
-        d = out_root / job.name
-        if status(job, out_root) == 'done': result[job.name] = 'done'; continue
-        if job.reuses and status(by_name.get(job.reuses, Job(job.reuses, {})), out_root) != 'done':
-            result[job.name] = 'blocked'; continue
-        d.mkdir(parents=True, exist_ok=True)
-        (d / 'error.txt').unlink(missing_ok=True)
-        t0 = time.time()
-        try:
-            execute(notebook, d / 'train.ipynb', {**job.params, 'progress': False})
-            result[job.name] = 'ran' if status(job, out_root) == 'done' else 'failed'
-        except Exception as e:                              # one failed run must not stop the grid
-            first = f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', e)}"   # papermill: the notebook's error
-            (d / 'error.txt').write_text(f"{first}\n\n{traceback.format_exc()}")
-            result[job.name] = 'failed'
-        if progress: print(f"[{i}/{len(jobs)}] {job.name}: {result[job.name]} in {time.time() - t0:.0f} s", flush=True)
-    return result
+    result = {j.name: 'done' for j in jobs if status(j, out_root) == 'done'}
+    pending, running = [j for j in jobs if j.name not in result], {}
+    def report(job, t0):
+        if progress: print(f"[{len(result)}/{len(jobs)}] {job.name}: {result[job.name]} in {time.time() - t0:.0f} s", flush=True)
+    pool = (ProcessPoolExecutor(workers, mp_context=get_context('spawn'), initializer=_use_threads,
+                                initargs=(max(1, (os.cpu_count() or 1) // workers),)) if workers > 1 else _InProcess())
+    try:
+        while pending or running:
+            busy = {j.name for j in pending} | {j.name for j, _ in running.values()}
+            free = [j for j in pending if j.reuses not in busy]             # a probe job waits for its pretraining
+            if not free and not running: free = pending[:]                   # jobs that reuse one another: none can start
+            for job in free[:workers - len(running)]:
+                pending.remove(job)
+                if job.reuses and status(by_name.get(job.reuses, Job(job.reuses, {})), out_root) != 'done':
+                    result[job.name] = 'blocked'; report(job, time.time()); continue
+                running[pool.submit(_attempt, execute, notebook, job, out_root)] = (job, time.time())
+            for f in wait(running, return_when=FIRST_COMPLETED).done:
+                job, t0 = running.pop(f)
+                result[job.name] = f.result()
+                report(job, t0)
+    except BaseException:                  # interrupted: start no other job, and give control back without waiting
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+    return {j.name: result[j.name] for j in jobs}
 
 # %% ../nbs/21_grid.ipynb #c578deeb
 def collect(jobs, out_root) -> list:
