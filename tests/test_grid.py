@@ -91,3 +91,32 @@ def test_a_pretraining_saved_before_a_field_existed_is_not_reused(tmp_path):
     with pytest.raises(ValueError, match=r"sigreg_coeff=<not recorded> there, 1.0 here"): validate(probe)
     (pre / 'config.json').write_text(json.dumps({**saved, 'sigreg_coeff': 1.0}))
     assert validate(probe).pretrained_run == str(pre)
+
+
+def test_a_killed_grid_takes_its_workers_with_it(tmp_path):
+    "With workers=2, killing the grid's process (a kernel restart, `kill -9`) ends its worker processes too, mid-job."
+    import os, signal, subprocess, sys, time
+    (tmp_path / 'slow_jobs.py').write_text(
+        "import os, time\nfrom pathlib import Path\n"
+        "def execute(nb, output, params):\n"
+        "    (Path(params['out_dir']) / 'pid').write_text(str(os.getpid()))\n"
+        "    time.sleep(120)\n")
+    script = (f"import sys; sys.path.insert(0, {str(tmp_path)!r})\nimport slow_jobs\nfrom usjepa import grid\n"
+              f"if __name__ == '__main__':\n"
+              f"    grid.run_grid(grid.plan('tiny', {str(tmp_path / 'grid')!r}), {str(tmp_path / 'grid')!r}, notebook={str(NB)!r},\n"
+              f"                  execute=slow_jobs.execute, workers=2, progress=False)\n")
+    (tmp_path / 'run.py').write_text(script)
+    grid = subprocess.Popen([sys.executable, str(tmp_path / 'run.py')])
+    def alive(pid):
+        try: os.kill(pid, 0); return True
+        except ProcessLookupError: return False
+    pids = []
+    for _ in range(120):                                       # both workers inside a job
+        pids = [int(p.read_text()) for p in (tmp_path / 'grid').glob('*/pid') if p.read_text()]
+        if len(pids) == 2: break
+        time.sleep(0.5)
+    assert len(pids) == 2 and all(map(alive, pids))
+    grid.send_signal(signal.SIGKILL); grid.wait()
+    deadline = time.time() + 15
+    while any(map(alive, pids)) and time.time() < deadline: time.sleep(0.5)
+    assert not any(map(alive, pids)), 'a worker outlived the grid'

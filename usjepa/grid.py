@@ -4,7 +4,7 @@
 
 # %% ../nbs/21_grid.ipynb #07229803
 from __future__ import annotations
-import json, math, os, pickle, sys, time, traceback
+import json, math, os, pickle, sys, threading, time, traceback
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, FIRST_COMPLETED, wait
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -166,9 +166,13 @@ def _attempt(execute, notebook, job: Job, out_root) -> str:
         return 'failed'
     return 'ran' if status(job, out_root) == 'done' else 'failed'
 
-def _use_threads(n):
-    "A worker process's torch threads: the kernels papermill starts inherit this environment."
-    os.environ['OMP_NUM_THREADS'] = str(n)
+def _worker_start(threads, parent):
+    "A worker process's torch threads (its papermill kernels inherit the environment), and its end when the grid's process ends."
+    os.environ['OMP_NUM_THREADS'] = str(threads)
+    def watch():                           # a killed grid would leave its workers running jobs; the kernels follow their worker
+        while os.getppid() == parent: time.sleep(2)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
 
 class _InProcess(Executor):
     "One job at a time in this process (`workers=1`): `execute` may be any callable, a closure included."
@@ -201,8 +205,8 @@ def run_grid(jobs, out_root, notebook=None, execute=papermill_execute, progress=
     pending, running = [j for j in jobs if j.name not in result], {}
     def report(job, t0):
         if progress: print(f"[{len(result)}/{len(jobs)}] {job.name}: {result[job.name]} in {time.time() - t0:.0f} s", flush=True)
-    pool = (ProcessPoolExecutor(workers, mp_context=get_context('spawn'), initializer=_use_threads,
-                                initargs=(max(1, (os.cpu_count() or 1) // workers),)) if workers > 1 else _InProcess())
+    pool = (ProcessPoolExecutor(workers, mp_context=get_context('spawn'), initializer=_worker_start,
+                                initargs=(max(1, (os.cpu_count() or 1) // workers), os.getpid())) if workers > 1 else _InProcess())
     try:
         while pending or running:
             busy = {j.name for j in pending} | {j.name for j, _ in running.values()}
