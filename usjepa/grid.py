@@ -166,6 +166,7 @@ def _attempt(execute, notebook, job: Job, out_root) -> str:
         return 'failed'
     return 'ran' if status(job, out_root) == 'done' else 'failed'
 
+# %% ../nbs/21_grid.ipynb #2f6b8d40
 def _worker_start(threads, parent):
     "A worker process's torch threads (its papermill kernels inherit the environment), and its end when the grid's process ends."
     os.environ['OMP_NUM_THREADS'] = str(threads)
@@ -189,7 +190,7 @@ def run_grid(jobs, out_root, notebook=None, execute=papermill_execute, progress=
     out_root = Path(out_root)
     notebook = find_notebook() if notebook is None else Path(notebook)
     if not notebook.is_file(): raise FileNotFoundError(f"the training notebook {notebook} does not exist")
-    if not (isinstance(workers, int) and workers >= 1): raise ValueError(f"workers must be a whole number >= 1, not {workers!r}")
+    if isinstance(workers, bool) or not (isinstance(workers, int) and workers >= 1): raise ValueError(f"workers must be a whole number >= 1, not {workers!r}")
     if workers > 1:
         try: pickle.dumps(execute)
         except Exception: raise ValueError(f"workers={workers} runs jobs in other processes: execute must be a module-level "
