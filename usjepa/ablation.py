@@ -29,6 +29,7 @@ LEVERS = {
     'sigreg_ema_hl':  dict(sigreg_coeff=1.0, ema_half_life=0.05),
     'std_ema_hl':     PAPER_RECIPE | dict(reg_coeff=1.0, ema_half_life=0.05),   # V-JEPA's std hinge on the predictions
     'll_context':     PAPER_RECIPE | dict(ll_on='context'),               # L_ll on the context encoder's tokens
+    'll_content':     dict(ll_on='content'),                              # the job's default (SIGReg on), L_ll on the predictions less their cell's batch mean
     'pred_small':     PAPER_RECIPE | dict(predictor_dim=96, predictor_depth=2),   # a predictor that must rely on its context
     'default_long':   PAPER_RECIPE | dict(pretrain_epochs=20),            # 4x the steps: the learning curve
     'sigreg_long':    dict(sigreg_coeff=1.0, pretrain_epochs=20),

@@ -92,7 +92,7 @@ class _PretrainFields(_ModelFields):
     ema_half_life: float = 0.       # > 0: constant EMA momentum of this half-life, a fraction of the run's steps (replaces ema_start/end)
     reg_coeff: float = 0.           # weight of V-JEPA's std hinge on the predictions (0 = off, as in V-JEPA)
     sigreg_coeff: float = 1.0       # weight of SIGReg (LeJEPA) on the context encoder's tokens (0 = off, as in V-JEPA)
-    ll_on: str = 'pred'             # localization pairs among the predicted tokens (the paper) or the context encoder's ('context')
+    ll_on: str = 'pred'             # localization pairs among the predicted tokens (the paper), the context encoder's ('context'), or the predicted tokens less their cell's batch mean ('content')
     keep_epochs: str = ''           # '' or comma-separated epoch counts after which pretrain.pt is also kept (pretrain-epNNN.pt), to probe the run along the way
 
 # %% ../nbs/16_config.ipynb #a7b0fc5f
@@ -241,7 +241,7 @@ def _method_problems(c: RunConfig) -> list:
         (0 < c.label_fraction <= 1, f"label_fraction={c.label_fraction!r} must be in (0, 1]"),
         (c.n_pairs >= 1, f"n_pairs={c.n_pairs} must be >= 1"),
         (0 < c.mae_ratio < 1, f"mae_ratio={c.mae_ratio} must be in (0, 1)"),
-        (c.ll_on in ('pred', 'context'), f"ll_on={c.ll_on!r}: choose 'pred' (the paper) or 'context'"),
+        (c.ll_on in ('pred', 'context', 'content'), f"ll_on={c.ll_on!r}: choose 'pred' (the paper), 'context' or 'content'"),
         (c.unet_base >= 1, f"unet_base={c.unet_base} must be >= 1"),
         (c.unet_frames >= 1 and c.unet_frames % 2 == 1, f"unet_frames={c.unet_frames} must be odd (frames t-k..t+k)"),
         (not unet or c.img_size % 8 == 0, f"img_size={c.img_size} must be a multiple of 8 for the U-Net (3 levels of pooling)"),

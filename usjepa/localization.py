@@ -4,9 +4,10 @@
 
 # %% auto #0
 __all__ = ['token_coords', 'relative_offsets', 'sample_pairs', 'LocalizationHead', 'split_pairs', 'localization_loss',
-           'chance_loss', 'target_chance_loss', 'LocalizationLoss']
+           'chance_loss', 'target_chance_loss', 'LocalizationLoss', 'cell_centered']
 
 # %% ../nbs/08_localization.ipynb #be16d6ea
+import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -144,11 +145,11 @@ class LocalizationLoss(nn.Module):
                  n_pairs: int = 100,             # pairs per clip in total, split evenly over the mask generators
                  hidden: int | None = None,      # head width (default D)
                  generator: torch.Generator | None = None,  # RNG for the pairs (None: torch's global RNG)
-                 on: str = 'pred'):              # 'pred': the predicted target tokens (the paper); 'context': the context encoder's tokens
+                 on: str = 'pred'):              # 'pred': the predicted target tokens (the paper); 'context': the context encoder's tokens; 'content': the predicted tokens less their cell's batch mean
         super().__init__()
         if n_pairs < 1:
             raise ValueError(f"n_pairs must be >= 1, got {n_pairs}")
-        if on not in ('pred', 'context'): raise ValueError(f"on={on!r}: choose 'pred' (the paper) or 'context'")
+        if on not in ('pred', 'context', 'content'): raise ValueError(f"on={on!r}: choose 'pred' (the paper), 'context' or 'content'")
         self.on = on
         self.grid = None if grid is None else check_grid(grid)
         self.n_pairs, self.generator = n_pairs, generator
@@ -161,8 +162,23 @@ class LocalizationLoss(nn.Module):
             grid = getattr(getattr(model, 'encoder', None), 'grid', None)
             if grid is None:
                 raise ValueError("LocalizationLoss needs a grid: pass grid=... or call it with a model that has .encoder.grid")
-        tokens, idx = (out.preds, out.tgt_idx) if self.on == 'pred' else (out.ctx, out.ctx_idx)
+        tokens, idx = (out.ctx, out.ctx_idx) if self.on == 'context' else (out.preds, out.tgt_idx)
+        if self.on == 'content': tokens = cell_centered(tokens, idx, grid)
         return localization_loss(self.head, tokens, idx, grid, self.n_pairs, self.generator)
 
     def extra_repr(self) -> str:
         return f"grid={self.grid}, n_pairs={self.n_pairs}, on={self.on!r}"
+
+# %% ../nbs/08_localization.ipynb #fd054bd8
+def cell_centered(preds,        # (B, K, D) predicted target tokens, or a list (one per mask generator)
+                  tgt_idx,      # (B, K) their flat token indices, or a list matching `preds`
+                  grid,         # (gt, gh, gw) token grid
+                 ) -> list:     # per generator: (B, K, D) each token less the mean of all tokens at its cell
+    "Each predicted token less the mean of the batch's predicted tokens at its grid cell (over clips and mask generators)."
+    if torch.is_tensor(preds): preds, tgt_idx = [preds], [tgt_idx]
+    n_cells, dim = math.prod(check_grid(grid)), preds[0].shape[-1]
+    flat = torch.cat([p.reshape(-1, dim) for p in preds]).float()
+    cells = torch.cat([i.reshape(-1) for i in tgt_idx])
+    means = flat.new_zeros(n_cells, dim).index_add_(0, cells, flat)
+    means = means / torch.bincount(cells, minlength=n_cells).clamp(min=1)[:, None].float()
+    return [p - means[i].to(p.dtype) for p, i in zip(preds, tgt_idx)]
