@@ -176,6 +176,8 @@ def cell_centered(preds,        # (B, K, D) predicted target tokens, or a list (
                  ) -> list:     # per generator: (B, K, D) each token less the mean of all tokens at its cell
     "Each predicted token less the mean of the batch's predicted tokens at its grid cell (over clips and mask generators)."
     if torch.is_tensor(preds): preds, tgt_idx = [preds], [tgt_idx]
+    if len(preds) != len(tgt_idx) or any(i.shape != p.shape[:2] for p, i in zip(preds, tgt_idx)):
+        raise ValueError(f"preds (B, K, D) and tgt_idx (B, K) disagree: {[tuple(p.shape) for p in preds]} vs {[tuple(i.shape) for i in tgt_idx]}")
     n_cells, dim = math.prod(check_grid(grid)), preds[0].shape[-1]
     flat = torch.cat([p.reshape(-1, dim) for p in preds]).float()
     cells = torch.cat([i.reshape(-1) for i in tgt_idx])
